@@ -1,0 +1,241 @@
+//! The operator commands: `init` (create what the relay needs), `check` (find what is wrong,
+//! one line each, with the fix) and `status` (where the slot stands).
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::Config;
+use crate::relay::{error_chain, pool, RunError};
+use crate::sink::kafka;
+use crate::source::{setup, SourceError};
+
+/// `outbox-relay init`: applies `sql/outbox.sql`, then creates the publication and slot.
+pub async fn init(cfg: &Config) -> Result<(), RunError> {
+    let pool = pool(cfg)?;
+    let client = pool.get().await.map_err(SourceError::pool)?;
+    setup::apply_schema(&**client, cfg).await?;
+    println!("schema: applied sql/outbox.sql");
+    let mut forced = cfg.clone();
+    forced.source.create = true;
+    let prepared = setup::prepare_logical(&**client, &forced).await?;
+    println!(
+        "logical: publication {} and slot {} ready at {}",
+        cfg.source.publication,
+        cfg.source.slot,
+        pgwire_replication::Lsn::from_u64(prepared.confirmed_flush)
+    );
+    Ok(())
+}
+
+/// `outbox-relay check`: prints one line per check; false when any failed.
+pub async fn check(cfg: &Config) -> bool {
+    println!("config: ok ({})", cfg.postgres.redacted_url());
+    let mut ok = true;
+    let mut fail = |what: &str, problem: String, fix: &str| {
+        ok = false;
+        println!("{what}: FAILED: {problem}\n  fix: {fix}");
+    };
+
+    match check_postgres(cfg).await {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(SourceError::Definite { problem, fix }) => fail("postgres", problem, &fix),
+        Err(e) => fail(
+            "postgres",
+            format!("cannot reach Postgres at {}: {}", cfg.postgres.redacted_url(), error_chain(&e)),
+            "check postgres.url, that Postgres is running and that pg_hba.conf admits the relay",
+        ),
+    }
+
+    let brokers = cfg.kafka.brokers.clone();
+    let probe = kafka::admin_config(&cfg.kafka);
+    let kafka = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+        let client: BaseConsumer = probe.create().map_err(|e| e.to_string())?;
+        let metadata = client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        Ok(metadata.brokers().len())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    match kafka {
+        Ok(n) => println!("kafka: ok ({n} brokers at {brokers})"),
+        Err(e) => fail(
+            "kafka",
+            format!("cannot reach Kafka at {brokers}: {e}"),
+            "check kafka.brokers, the network, and the security settings in [kafka.properties]",
+        ),
+    }
+    ok
+}
+
+async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
+    let pool = pool(cfg).map_err(|e| SourceError::Definite {
+        problem: error_chain(&e),
+        fix: "set postgres.url to a valid libpq URL".into(),
+    })?;
+    let client = pool.get().await.map_err(SourceError::pool)?;
+    let mut lines = vec!["postgres: reachable".to_owned()];
+    setup::check_wal_level(&**client).await?;
+    lines.push("postgres: wal_level = logical".into());
+
+    let table = setup::table_sql(cfg);
+    let row = client
+        .query_one(
+            "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|source| SourceError::Postgres {
+            context: "reading the role's attributes",
+            source,
+        })?;
+    if !row.get::<_, bool>(0) {
+        return Err(SourceError::Definite {
+            problem: "the relay's role has neither REPLICATION nor SUPERUSER".into(),
+            fix: "ALTER ROLE <relay role> REPLICATION (see sql/roles.sql)".into(),
+        });
+    }
+    lines.push("postgres: role may stream replication".into());
+
+    let (schema, name) = cfg.source.table_parts();
+    let qualified = format!("{schema}.{name}");
+    let row = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&qualified],
+        )
+        .await
+        .map_err(|source| SourceError::Postgres {
+            context: "looking up the outbox table",
+            source,
+        })?;
+    if !row.get::<_, bool>(0) {
+        return Err(SourceError::Definite {
+            problem: format!("the outbox table {table} does not exist"),
+            fix: "run `outbox-relay init` or set source.table".into(),
+        });
+    }
+    let readable: bool = client
+        .query_one("SELECT has_table_privilege($1, 'SELECT')", &[&qualified])
+        .await
+        .map_err(|source| SourceError::Postgres {
+            context: "checking privileges",
+            source,
+        })?
+        .get(0);
+    if !readable {
+        return Err(SourceError::Definite {
+            problem: format!("the relay's role cannot SELECT from {table}"),
+            fix: format!("GRANT SELECT ON {table} TO <relay role> (see sql/roles.sql)"),
+        });
+    }
+    lines.push(format!("postgres: outbox table {table} readable"));
+
+    let publication = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&cfg.source.publication],
+        )
+        .await
+        .map_err(|source| SourceError::Postgres {
+            context: "looking up the publication",
+            source,
+        })?;
+    match (publication, cfg.source.create) {
+        (Some(_), _) => lines.push(format!("postgres: publication {} exists", cfg.source.publication)),
+        (None, true) => lines.push(format!(
+            "postgres: publication {} missing; run will create it (source.create = true)",
+            cfg.source.publication
+        )),
+        (None, false) => {
+            return Err(SourceError::Definite {
+                problem: format!(
+                    "publication {} does not exist and source.create is false",
+                    cfg.source.publication
+                ),
+                fix: "run `outbox-relay init` as the table owner".into(),
+            })
+        }
+    }
+
+    let slot = client
+        .query_opt(
+            "SELECT plugin, active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await
+        .map_err(|source| SourceError::Postgres {
+            context: "looking up the slot",
+            source,
+        })?;
+    match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            if plugin.as_deref() != Some("pgoutput") {
+                return Err(SourceError::Definite {
+                    problem: format!(
+                        "slot {} uses plugin {} instead of pgoutput",
+                        cfg.source.slot,
+                        plugin.as_deref().unwrap_or("(physical)")
+                    ),
+                    fix: "choose another source.slot, or drop that slot if nothing uses it".into(),
+                });
+            }
+            let active: bool = row.get(1);
+            lines.push(format!(
+                "postgres: slot {} uses pgoutput ({})",
+                cfg.source.slot,
+                if active { "in use" } else { "idle" }
+            ));
+        }
+        None if cfg.source.create => lines.push(format!(
+            "postgres: slot {} missing; run will create it (source.create = true)",
+            cfg.source.slot
+        )),
+        None => {
+            return Err(SourceError::Definite {
+                problem: format!(
+                    "slot {} does not exist and source.create is false",
+                    cfg.source.slot
+                ),
+                fix: "run `outbox-relay init`".into(),
+            })
+        }
+    }
+    Ok(lines)
+}
+
+/// `outbox-relay status`: the slot's position, lag, retained WAL and holder.
+pub async fn status(cfg: &Config) -> Result<(), RunError> {
+    let pool = pool(cfg)?;
+    let client = pool.get().await.map_err(SourceError::pool)?;
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, active, active_pid, \
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
+                    (pg_current_wal_lsn() - restart_lsn)::bigint, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await
+        .map_err(|source| SourceError::Postgres {
+            context: "reading the slot",
+            source,
+        })?;
+    let Some(row) = row else {
+        println!("slot {}: does not exist (run `outbox-relay init`)", cfg.source.slot);
+        return Ok(());
+    };
+    let report = serde_json::json!({
+        "slot": cfg.source.slot,
+        "confirmed_flush_lsn": row.get::<_, Option<String>>(0),
+        "leader_connected": row.get::<_, bool>(1),
+        "leader_pid": row.get::<_, Option<i32>>(2),
+        "replication_lag_bytes": row.get::<_, Option<i64>>(3),
+        "retained_wal_bytes": row.get::<_, Option<i64>>(4),
+        "wal_status": row.get::<_, Option<String>>(5),
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    Ok(())
+}

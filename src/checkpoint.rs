@@ -1,0 +1,270 @@
+//! The contiguous-ack watermark: which source position may be confirmed.
+//!
+//! Every committed transaction (logical mode) or batch of rows (polling mode) becomes a *unit*
+//! that ends at a source position and holds a count of records not yet acknowledged by Kafka.
+//! Kafka acknowledges records out of order across partitions; this module does not care. A
+//! position may be confirmed to the source only when the unit ending there, and every unit
+//! before it, has no record left unacknowledged. Confirming further would lose events on a
+//! crash (the source never resends what it was told is safe); confirming less only duplicates
+//! them after a restart.
+//!
+//! Units are numbered in arrival order. Records carry their unit's number as the librdkafka
+//! delivery opaque, so an acknowledgement costs one lookup in a ring buffer.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// A unit's number, handed to the producer with each record and returned with its ack.
+pub type UnitId = u64;
+
+#[derive(Debug)]
+struct Unit<P> {
+    /// Records produced for this unit and not yet acknowledged.
+    pending: u32,
+    /// The position that may be confirmed once this unit and all before it are done; `None`
+    /// while the unit is still being read (a transaction before its `Commit`).
+    end: Option<P>,
+    /// When the unit's data was committed at the source, for latency measurements.
+    committed_at: Option<Instant>,
+}
+
+/// The watermark. `P` is the source position: an LSN in logical mode, a `(txid, seq)` cursor
+/// in polling mode.
+#[derive(Debug)]
+pub struct Checkpoint<P> {
+    units: VecDeque<Unit<P>>,
+    /// The id of `units[0]`.
+    first: UnitId,
+    /// Records produced and not yet acknowledged, across all units.
+    inflight: u64,
+    /// The newest position that became confirmable and has not been taken yet.
+    confirmable: Option<P>,
+}
+
+impl<P: Copy + Ord> Default for Checkpoint<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: Copy + Ord> Checkpoint<P> {
+    pub fn new() -> Self {
+        Self {
+            units: VecDeque::new(),
+            first: 0,
+            inflight: 0,
+            confirmable: None,
+        }
+    }
+
+    /// Starts a unit (a transaction's `Begin`). Records are added with [`Self::add`] and the
+    /// unit is closed with [`Self::seal`].
+    pub fn open(&mut self, committed_at: Option<Instant>) -> UnitId {
+        self.units.push_back(Unit {
+            pending: 0,
+            end: None,
+            committed_at,
+        });
+        self.first + self.units.len() as u64 - 1
+    }
+
+    /// Counts one more record of `unit` as produced and awaiting its ack.
+    pub fn add(&mut self, unit: UnitId) {
+        if let Some(u) = self.unit_mut(unit) {
+            u.pending += 1;
+            self.inflight += 1;
+        }
+    }
+
+    /// Closes `unit` at `end`: once its records are acknowledged, `end` may be confirmed.
+    pub fn seal(&mut self, unit: UnitId, end: P) {
+        if let Some(u) = self.unit_mut(unit) {
+            u.end = Some(end);
+        }
+        self.advance();
+    }
+
+    /// Records one Kafka acknowledgement for `unit`. Returns when the unit was committed, for
+    /// latency measurement. An ack for an unknown unit (already retired) is ignored.
+    pub fn ack(&mut self, unit: UnitId) -> Option<Instant> {
+        let u = self.unit_mut(unit)?;
+        if u.pending == 0 {
+            return None;
+        }
+        u.pending -= 1;
+        let committed_at = u.committed_at;
+        self.inflight -= 1;
+        if unit == self.first {
+            self.advance();
+        }
+        committed_at
+    }
+
+    /// The newest confirmable position not returned before, if any.
+    pub fn take_confirmable(&mut self) -> Option<P> {
+        self.confirmable.take()
+    }
+
+    /// Records produced and not yet acknowledged.
+    pub fn inflight(&self) -> u64 {
+        self.inflight
+    }
+
+    /// True when no unit is open or waiting for acks: everything read has been confirmed
+    /// or is confirmable.
+    pub fn is_idle(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    fn unit_mut(&mut self, unit: UnitId) -> Option<&mut Unit<P>> {
+        let index = usize::try_from(unit.checked_sub(self.first)?).ok()?;
+        self.units.get_mut(index)
+    }
+
+    /// Retires finished units from the front, remembering the newest end among them.
+    fn advance(&mut self) {
+        while let Some(front) = self.units.front() {
+            match front.end {
+                Some(end) if front.pending == 0 => {
+                    self.confirmable = Some(match self.confirmable {
+                        Some(prev) if prev > end => prev,
+                        _ => end,
+                    });
+                    self.units.pop_front();
+                    self.first += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn empty_transaction_is_confirmable_at_once() {
+        let mut c = Checkpoint::<u64>::new();
+        let u = c.open(None);
+        assert_eq!(c.take_confirmable(), None);
+        c.seal(u, 100);
+        assert_eq!(c.take_confirmable(), Some(100));
+        assert!(c.is_idle());
+    }
+
+    #[test]
+    fn never_confirms_inside_an_open_transaction() {
+        let mut c = Checkpoint::<u64>::new();
+        let u = c.open(None);
+        c.add(u);
+        c.ack(u);
+        // All acked, but the Commit has not been read yet.
+        assert_eq!(c.take_confirmable(), None);
+        assert!(!c.is_idle());
+        c.seal(u, 7);
+        assert_eq!(c.take_confirmable(), Some(7));
+    }
+
+    #[test]
+    fn out_of_order_acks_wait_for_the_oldest_unit() {
+        let mut c = Checkpoint::<u64>::new();
+        let a = c.open(None);
+        c.add(a);
+        c.add(a);
+        c.seal(a, 10);
+        let b = c.open(None);
+        c.add(b);
+        c.seal(b, 20);
+        let d = c.open(None);
+        c.seal(d, 30);
+
+        c.ack(b);
+        assert_eq!(c.take_confirmable(), None, "a is still pending");
+        c.ack(a);
+        assert_eq!(c.take_confirmable(), None, "a has one more record");
+        assert_eq!(c.inflight(), 1);
+        c.ack(a);
+        assert_eq!(c.take_confirmable(), Some(30), "a, b and the empty d are done");
+        assert_eq!(c.inflight(), 0);
+        assert!(c.is_idle());
+    }
+
+    #[test]
+    fn stray_and_duplicate_acks_are_ignored() {
+        let mut c = Checkpoint::<u64>::new();
+        let a = c.open(None);
+        c.add(a);
+        c.seal(a, 5);
+        let b = c.open(None);
+        c.add(b);
+        c.seal(b, 6);
+        c.ack(a);
+        assert_eq!(c.take_confirmable(), Some(5));
+        assert_eq!(c.ack(a), None, "a is retired");
+        assert_eq!(c.ack(999), None);
+        assert_eq!(c.take_confirmable(), None, "b still pending");
+        c.ack(b);
+        assert_eq!(c.take_confirmable(), Some(6));
+    }
+
+    #[test]
+    fn reports_commit_time_with_each_ack() {
+        let mut c = Checkpoint::<u64>::new();
+        let t = Instant::now();
+        let a = c.open(Some(t));
+        c.add(a);
+        assert_eq!(c.ack(a), Some(t));
+    }
+
+    proptest! {
+        /// Whatever the ack order, the confirmed position never passes a unit with an
+        /// unacknowledged record, and ends at the last unit's end once all are acked.
+        #[test]
+        fn confirms_only_contiguous_acks(
+            sizes in proptest::collection::vec(0u32..4, 1..30),
+            order_seed in proptest::collection::vec(any::<u32>(), 0..200),
+        ) {
+            let mut c = Checkpoint::<u64>::new();
+            let mut records = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let u = c.open(None);
+                for _ in 0..n {
+                    c.add(u);
+                    records.push(u);
+                }
+                c.seal(u, (i as u64 + 1) * 10);
+            }
+            // Shuffle the acks deterministically from the seed.
+            let mut acks = records.clone();
+            for (i, s) in order_seed.iter().enumerate() {
+                if acks.len() > 1 {
+                    let j = i % acks.len();
+                    let k = (*s as usize) % acks.len();
+                    acks.swap(j, k);
+                }
+            }
+            let mut acked = vec![0u32; sizes.len()];
+            let mut confirmed = 0u64;
+            if let Some(p) = c.take_confirmable() { confirmed = p; }
+            for u in acks {
+                c.ack(u);
+                acked[u as usize] += 1;
+                if let Some(p) = c.take_confirmable() {
+                    prop_assert!(p >= confirmed);
+                    confirmed = p;
+                }
+                // Every unit at or before the confirmed position is fully acked.
+                for (i, &n) in sizes.iter().enumerate() {
+                    if (i as u64 + 1) * 10 <= confirmed {
+                        prop_assert_eq!(acked[i], n);
+                    }
+                }
+            }
+            prop_assert_eq!(confirmed, sizes.len() as u64 * 10);
+            prop_assert!(c.is_idle());
+            prop_assert_eq!(c.inflight(), 0);
+        }
+    }
+}

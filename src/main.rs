@@ -1,0 +1,152 @@
+//! The `outbox-relay` command line: parses arguments and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use outbox_relay::config::{Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "outbox-relay", version, about = "Relays a Postgres transactional outbox to Kafka, at least once, in order per aggregate.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (the default).
+    Run(ConfigArg),
+    /// Apply sql/outbox.sql and create the publication and slot.
+    Init(ConfigArg),
+    /// Validate the config, Postgres and Kafka; exit 1 with the fix on failure.
+    Check(ConfigArg),
+    /// Show slot lag, retained WAL and who holds the slot.
+    Status(ConfigArg),
+    /// Run the whole path on embedded defaults: a throwaway Postgres and Kafka endpoint.
+    Demo(outbox_relay::demo::DemoArgs),
+}
+
+#[derive(Args, Default)]
+struct ConfigArg {
+    /// The TOML config file.
+    #[arg(long, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Run(ConfigArg::default())) {
+            Command::Run(arg) => run(arg).await,
+            Command::Init(arg) => {
+                let config = load(&arg)?;
+                init_logging(&config);
+                outbox_relay::check::init(&config).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Check(arg) => {
+                let config = match load(&arg) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        println!("config: FAILED: {e:#}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
+                Ok(if outbox_relay::check::check(&config).await {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Command::Status(arg) => {
+                let config = load(&arg)?;
+                outbox_relay::check::status(&config).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Demo(args) => {
+                init_text_logging("warn");
+                outbox_relay::demo::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
+    Ok(Config::load(arg.config.as_deref())?)
+}
+
+async fn run(arg: ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = load(&arg)?;
+    init_logging(&config);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    outbox_relay::relay::run(config, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_RELAY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn init_text_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,252 @@
+//! The relay's lifecycle: start the endpoints and background checks, then run source
+//! sessions until shutdown.
+//!
+//! Start order: metrics and state, the HTTP endpoints (so probes answer from the first
+//! second), the Postgres pool, the health monitor, then the session loop. A session that ends
+//! on a transient fault is restarted from the confirmed position with backoff, forever; one
+//! that finds the replication slot busy makes this relay a ready standby that retries every
+//! second or two; a definite error (something the operator must fix) halts the relay with
+//! the fix in the log and `/status`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::sink::kafka;
+use crate::source::{logical, Session, SourceError};
+use crate::status::RelayState;
+
+/// First retry delay after a transient fault; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a standby tries to take the slot: well inside the 10 s takeover promise.
+const STANDBY_RETRY: Duration = Duration::from_millis(1500);
+/// How often reachability and slot statistics are refreshed.
+const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
+/// Postgres connections for ordinary SQL (setup, monitoring); streaming has its own.
+const POOL_SIZE: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid postgres.url")]
+    PostgresUrl(#[source] crate::config::ConfigError),
+    #[error("cannot build the postgres pool: {0}")]
+    Pool(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// Builds the pool for ordinary SQL.
+pub fn pool(cfg: &Config) -> Result<Pool, RunError> {
+    let pg = cfg.postgres_config().map_err(RunError::PostgresUrl)?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| RunError::Pool(e.to_string()))
+}
+
+/// Runs the relay until `shutdown` is cancelled (Ok) or a definite error stops it.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    run_with(config, Metrics::new(), shutdown).await
+}
+
+/// [`run`] with the caller's metrics, so an embedding (the demo, tests) can watch them.
+pub async fn run_with(
+    config: Config,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let state = Arc::new(RelayState::default());
+
+    let http_stop = CancellationToken::new();
+    let addr = crate::http::serve(
+        config.http.listen,
+        Arc::clone(&state),
+        metrics.clone(),
+        http_stop.clone(),
+    )
+    .await
+    .map_err(|source| RunError::Listen {
+        addr: config.http.listen,
+        source,
+    })?;
+    tracing::info!(%addr, "http endpoints listening");
+
+    let pool = pool(&config)?;
+    let monitor_stop = CancellationToken::new();
+    tokio::spawn(monitor(
+        Arc::clone(&config),
+        pool.clone(),
+        metrics.clone(),
+        Arc::clone(&state),
+        monitor_stop.clone(),
+    ));
+
+    let router = Router::new(
+        &config.kafka.topic,
+        &config.kafka.dead_letter_topic,
+        kafka::max_message_bytes(&config.kafka),
+    );
+    let session = Session {
+        config: Arc::clone(&config),
+        pool,
+        metrics: metrics.clone(),
+        router,
+        state: Arc::clone(&state),
+    };
+    let result = sessions(&session, &shutdown).await;
+    monitor_stop.cancel();
+    http_stop.cancel();
+    result
+}
+
+async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(), RunError> {
+    let mut backoff = MIN_BACKOFF;
+    let mut first = true;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        if !first {
+            session.metrics.source_reconnects.inc();
+        }
+        first = false;
+        let started = std::time::Instant::now();
+        let result = logical::run_session(session, shutdown).await;
+        let wait = match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_definite() => {
+                let text = e.to_string();
+                tracing::error!(error = %text, "relay stopped: needs the operator");
+                session.state.set_halted(text);
+                return Err(e.into());
+            }
+            Err(SourceError::SlotBusy { slot }) => {
+                tracing::debug!(%slot, "standing by: another relay holds the slot");
+                first = true;
+                STANDBY_RETRY
+            }
+            Err(e) => {
+                let text = error_chain(&e);
+                tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "source session failed; resuming from the confirmed position");
+                session.state.set_error(Some(text));
+                if started.elapsed() > MAX_BACKOFF {
+                    backoff = MIN_BACKOFF;
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// An error with its causes, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Refreshes reachability and slot statistics for `/readyz`, `/status` and the gauges.
+async fn monitor(
+    config: Arc<Config>,
+    pool: Pool,
+    metrics: Metrics,
+    state: Arc<RelayState>,
+    stop: CancellationToken,
+) {
+    // A plain client only for metadata requests: reachability, not producing.
+    let kafka_probe: Option<Arc<BaseConsumer>> = kafka::admin_config(&config.kafka)
+        .create()
+        .ok()
+        .map(Arc::new);
+    let slot = config.source.slot.clone();
+    loop {
+        let pg_ok = match pool.get().await {
+            Ok(conn) => {
+                let row = conn
+                    .query_opt(
+                        "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                                (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await;
+                match row {
+                    Ok(row) => {
+                        let (retained, lag) = row
+                            .map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1)))
+                            .unwrap_or((None, None));
+                        if let Some(bytes) = retained {
+                            metrics.slot_retained_wal_bytes.set(bytes);
+                        }
+                        if let Some(bytes) = lag {
+                            metrics.replication_lag_bytes.set(bytes);
+                        }
+                        state.set_slot_stats(retained, lag);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "monitor query failed");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "postgres unreachable");
+                false
+            }
+        };
+        state.set_postgres_ok(pg_ok);
+        if let Some(probe) = &kafka_probe {
+            let probe = Arc::clone(probe);
+            let ok = tokio::task::spawn_blocking(move || {
+                probe
+                    .fetch_metadata(None, Duration::from_secs(3))
+                    .map(|m| !m.brokers().is_empty())
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            state.set_kafka_ok(ok);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(MONITOR_INTERVAL) => {}
+        }
+    }
+}

@@ -1,0 +1,608 @@
+//! Where an outbox row becomes a Kafka record (SPEC §3), or a dead-letter record (SPEC §7).
+//!
+//! Both sources (the replication stream and the poller) hand over an [`OutboxEvent`]: the
+//! row's fields as text, borrowed from the source's buffer. The [`Router`] renders the topic
+//! from the template, takes the aggregate id as the key and the payload bytes as the value
+//! unparsed, and turns the row's `headers` JSON object into Kafka headers next to the fixed
+//! ones (`id`, `event_type`, `aggregate_type`, `pg_lsn`). A row that cannot become a valid
+//! record is routed to the dead-letter topic with the reason, never dropped and never allowed
+//! to stop the stream.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Kafka's own limit on topic names.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// Bytes librdkafka counts on top of key, value and headers when it compares a message with
+/// `message.max.bytes` (record batch and record framing). Generous, so a payload just under
+/// the limit goes to the dead-letter topic instead of failing inside the producer.
+const RECORD_OVERHEAD: usize = 512;
+
+/// One committed outbox event, as the source read it.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxEvent<'a> {
+    /// The dedup key (a UUID's text).
+    pub id: Option<&'a str>,
+    pub aggregate_type: Option<&'a str>,
+    pub aggregate_id: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    /// The payload bytes as stored; `None` publishes a tombstone.
+    pub payload: Option<Cow<'a, [u8]>>,
+    /// The row's `headers` column: JSON text, expected to be an object.
+    pub headers: Option<Cow<'a, str>>,
+    /// The record timestamp in milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
+    /// Logical mode: the transaction's commit LSN, like `0/16B3748`.
+    pub pg_lsn: Option<&'a str>,
+}
+
+/// Why a row went to the dead-letter topic; the `dlq_reason` header and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    InvalidTopic,
+    MessageTooLarge,
+    InvalidHeaders,
+    InvalidMessage,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 4] = [
+        Self::InvalidTopic,
+        Self::MessageTooLarge,
+        Self::InvalidHeaders,
+        Self::InvalidMessage,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidTopic => "invalid_topic",
+            Self::MessageTooLarge => "message_too_large",
+            Self::InvalidHeaders => "invalid_headers",
+            Self::InvalidMessage => "invalid_message",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A record ready for the producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub topic: Cow<'a, str>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<Cow<'a, [u8]>>,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
+}
+
+impl Record<'_> {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+}
+
+/// What became of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routed<'a> {
+    Publish(Record<'a>),
+    DeadLetter {
+        /// The record for the dead-letter topic, with `dlq_*` headers added.
+        record: Record<'a>,
+        reason: DeadLetterReason,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    AggregateType,
+    EventType,
+}
+
+/// Renders topics and builds records. One per pipeline; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Router {
+    template: Vec<Segment>,
+    uses_event_type: bool,
+    dead_letter_topic: String,
+    max_message_bytes: usize,
+}
+
+impl Router {
+    /// `template` uses `{aggregate_type}` and `{event_type}`; config validation has checked
+    /// it. `max_message_bytes` is the producer's `message.max.bytes`.
+    pub fn new(template: &str, dead_letter_topic: &str, max_message_bytes: usize) -> Self {
+        let mut segments = Vec::new();
+        let mut rest = template;
+        while !rest.is_empty() {
+            let (literal, placeholder, tail) = match (
+                rest.find("{aggregate_type}"),
+                rest.find("{event_type}"),
+            ) {
+                (Some(a), Some(e)) if e < a => (&rest[..e], Segment::EventType, &rest[e + 12..]),
+                (Some(a), _) => (&rest[..a], Segment::AggregateType, &rest[a + 16..]),
+                (None, Some(e)) => (&rest[..e], Segment::EventType, &rest[e + 12..]),
+                (None, None) => {
+                    segments.push(Segment::Literal(rest.to_owned()));
+                    break;
+                }
+            };
+            if !literal.is_empty() {
+                segments.push(Segment::Literal(literal.to_owned()));
+            }
+            segments.push(placeholder);
+            rest = tail;
+        }
+        let uses_event_type = segments.contains(&Segment::EventType);
+        Self {
+            template: segments,
+            uses_event_type,
+            dead_letter_topic: dead_letter_topic.to_owned(),
+            max_message_bytes,
+        }
+    }
+
+    pub fn dead_letter_topic(&self) -> &str {
+        &self.dead_letter_topic
+    }
+
+    /// Maps one event to its record, or to a dead-letter record saying why it can't be one.
+    pub fn route<'a>(&self, event: OutboxEvent<'a>) -> Routed<'a> {
+        let headers = match fixed_headers(&event) {
+            Ok(mut fixed) => match user_headers(event.headers.as_deref()) {
+                Ok(user) => {
+                    fixed.extend(user);
+                    fixed
+                }
+                Err(error) => {
+                    return self.dead_letter(
+                        event,
+                        fixed,
+                        DeadLetterReason::InvalidHeaders,
+                        error,
+                        None,
+                    );
+                }
+            },
+            Err(fixed) => {
+                // A missing id: only an emitted message can lack one.
+                return self.dead_letter(
+                    event,
+                    fixed,
+                    DeadLetterReason::InvalidMessage,
+                    "event has no id".into(),
+                    None,
+                );
+            }
+        };
+        let topic = match self.topic(&event) {
+            Ok(topic) => topic,
+            Err((error, topic)) => {
+                return self.dead_letter(
+                    event,
+                    headers,
+                    DeadLetterReason::InvalidTopic,
+                    error,
+                    topic,
+                )
+            }
+        };
+        let size = record_size(&event, &headers);
+        if size > self.max_message_bytes {
+            let error = format!(
+                "record of {size} bytes exceeds message.max.bytes {}",
+                self.max_message_bytes
+            );
+            return self.dead_letter(
+                event,
+                headers,
+                DeadLetterReason::MessageTooLarge,
+                error,
+                Some(topic),
+            );
+        }
+        Routed::Publish(Record {
+            topic: Cow::Owned(topic),
+            key: event.aggregate_id.map(str::as_bytes),
+            value: event.payload,
+            timestamp_ms: event.timestamp_ms,
+            headers,
+        })
+    }
+
+    /// Builds the dead-letter record for an event the caller already knows is bad, such as
+    /// an emitted message that is not a valid envelope, or a record Kafka refused.
+    pub fn dead_letter_raw<'a>(
+        &self,
+        key: Option<&'a [u8]>,
+        value: Option<Cow<'a, [u8]>>,
+        headers: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
+        reason: DeadLetterReason,
+        error: String,
+        intended_topic: &str,
+    ) -> Routed<'a> {
+        let mut headers = headers;
+        let mut value = value;
+        let size = key.map_or(0, <[u8]>::len)
+            + value.as_ref().map_or(0, |v| v.len())
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + error.len()
+            + intended_topic.len()
+            + RECORD_OVERHEAD;
+        if reason == DeadLetterReason::MessageTooLarge || size > self.max_message_bytes {
+            value = None;
+        }
+        headers.push((Cow::Borrowed("dlq_reason"), reason.as_str().as_bytes().into()));
+        headers.push((Cow::Borrowed("dlq_error"), Cow::Owned(error.into_bytes())));
+        headers.push((
+            Cow::Borrowed("dlq_topic"),
+            Cow::Owned(intended_topic.as_bytes().to_vec()),
+        ));
+        Routed::DeadLetter {
+            record: Record {
+                topic: Cow::Owned(self.dead_letter_topic.clone()),
+                key,
+                value,
+                timestamp_ms: None,
+                headers,
+            },
+            reason,
+        }
+    }
+
+    fn dead_letter<'a>(
+        &self,
+        event: OutboxEvent<'a>,
+        headers: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
+        reason: DeadLetterReason,
+        error: String,
+        topic: Option<String>,
+    ) -> Routed<'a> {
+        let intended = topic.unwrap_or_else(|| self.describe_template(&event));
+        let routed = self.dead_letter_raw(
+            event.aggregate_id.map(str::as_bytes),
+            event.payload,
+            headers,
+            reason,
+            error,
+            &intended,
+        );
+        match routed {
+            Routed::DeadLetter { mut record, reason } => {
+                record.timestamp_ms = event.timestamp_ms;
+                Routed::DeadLetter { record, reason }
+            }
+            other => other,
+        }
+    }
+
+    /// The topic an event was headed for, for `dlq_topic` when it could not be rendered:
+    /// placeholders with no value stay as they are.
+    fn describe_template(&self, event: &OutboxEvent<'_>) -> String {
+        let mut out = String::new();
+        for segment in &self.template {
+            match segment {
+                Segment::Literal(s) => out.push_str(s),
+                Segment::AggregateType => {
+                    out.push_str(event.aggregate_type.unwrap_or("{aggregate_type}"))
+                }
+                Segment::EventType => out.push_str(event.event_type.unwrap_or("{event_type}")),
+            }
+        }
+        out
+    }
+
+    /// Renders the topic, or says why the event can't have one (with the rendered name when
+    /// there is one).
+    fn topic(&self, event: &OutboxEvent<'_>) -> Result<String, (String, Option<String>)> {
+        let aggregate_type = non_empty(event.aggregate_type, "aggregate_type")?;
+        non_empty(event.aggregate_id, "aggregate_id")?;
+        let event_type = match event.event_type {
+            Some(t) if !t.is_empty() || !self.uses_event_type => t,
+            _ => return Err(("event_type is null or empty".into(), None)),
+        };
+        let mut topic = String::with_capacity(64);
+        for segment in &self.template {
+            match segment {
+                Segment::Literal(s) => topic.push_str(s),
+                Segment::AggregateType => topic.push_str(aggregate_type),
+                Segment::EventType => topic.push_str(event_type),
+            }
+        }
+        match topic_name_error(&topic) {
+            None => Ok(topic),
+            Some(reason) => Err((format!("illegal topic name: {reason}"), Some(topic))),
+        }
+    }
+}
+
+fn non_empty<'a>(
+    value: Option<&'a str>,
+    field: &str,
+) -> Result<&'a str, (String, Option<String>)> {
+    match value {
+        Some(v) if !v.is_empty() => Ok(v),
+        Some(_) => Err((format!("{field} is empty"), None)),
+        None => Err((format!("{field} is null"), None)),
+    }
+}
+
+/// Why `name` is not a legal Kafka topic name, if it isn't.
+pub fn topic_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("empty".into());
+    }
+    if name == "." || name == ".." {
+        return Some(format!("{name:?} is reserved"));
+    }
+    if name.len() > MAX_TOPIC_LEN {
+        return Some(format!("longer than {MAX_TOPIC_LEN} characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Some(format!("character {c:?} is not one of [a-zA-Z0-9._-]"));
+    }
+    None
+}
+
+type Headers<'a> = Vec<(Cow<'a, str>, Cow<'a, [u8]>)>;
+
+/// The fixed headers; `Err` (still with the headers it could make) when the id is missing.
+fn fixed_headers<'a>(event: &OutboxEvent<'a>) -> Result<Headers<'a>, Headers<'a>> {
+    let mut headers: Headers<'a> = Vec::with_capacity(6);
+    if let Some(id) = event.id {
+        headers.push((Cow::Borrowed("id"), Cow::Borrowed(id.as_bytes())));
+    }
+    if let Some(t) = event.event_type {
+        headers.push((Cow::Borrowed("event_type"), Cow::Borrowed(t.as_bytes())));
+    }
+    if let Some(t) = event.aggregate_type {
+        headers.push((Cow::Borrowed("aggregate_type"), Cow::Borrowed(t.as_bytes())));
+    }
+    if let Some(lsn) = event.pg_lsn {
+        headers.push((Cow::Borrowed("pg_lsn"), Cow::Borrowed(lsn.as_bytes())));
+    }
+    match event.id {
+        Some(id) if !id.is_empty() => Ok(headers),
+        _ => Err(headers),
+    }
+}
+
+/// The row's `headers` object as Kafka headers: strings as they are, other JSON values as
+/// their JSON text.
+fn user_headers(json: Option<&str>) -> Result<Headers<'static>, String> {
+    let Some(json) = json else {
+        return Ok(Vec::new());
+    };
+    let trimmed = json.trim();
+    if trimmed == "{}" {
+        return Ok(Vec::new());
+    }
+    let map: BTreeMap<String, &RawValue> = serde_json::from_str(trimmed).map_err(|e| {
+        if trimmed.starts_with('{') {
+            format!("headers is not a valid JSON object: {e}")
+        } else {
+            "headers is not a JSON object".to_owned()
+        }
+    })?;
+    let mut out = Vec::with_capacity(map.len());
+    for (key, raw) in map {
+        let text = raw.get();
+        let value = if text.starts_with('"') {
+            String::deserialize(raw).map_err(|e| format!("header {key:?}: {e}"))?
+        } else {
+            text.to_owned()
+        };
+        out.push((Cow::Owned(key), Cow::Owned(value.into_bytes())));
+    }
+    Ok(out)
+}
+
+fn record_size(event: &OutboxEvent<'_>, headers: &Headers<'_>) -> usize {
+    event.aggregate_id.map_or(0, str::len)
+        + event.payload.as_ref().map_or(0, |p| p.len())
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + RECORD_OVERHEAD
+}
+
+/// An event emitted with `outbox.emit(...)`: the JSON envelope carried by a logical
+/// decoding message.
+#[derive(Debug, Deserialize)]
+pub struct Envelope<'a> {
+    #[serde(borrow)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub aggregate_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub aggregate_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub event_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pub headers: Option<&'a RawValue>,
+    /// Milliseconds are taken from the message's commit time instead when absent.
+    #[serde(borrow)]
+    pub created_at: Option<Cow<'a, str>>,
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses an envelope; the error is the human text for `dlq_error`.
+    pub fn parse(content: &'a [u8]) -> Result<Self, String> {
+        serde_json::from_slice(content).map_err(|e| format!("not a valid outbox envelope: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        Router::new("outbox.event.{aggregate_type}", "outbox.dead-letter", 1_000_000)
+    }
+
+    fn event() -> OutboxEvent<'static> {
+        OutboxEvent {
+            id: Some("6f1c2a0e-0000-4000-8000-000000000001"),
+            aggregate_type: Some("order"),
+            aggregate_id: Some("order-42"),
+            event_type: Some("OrderPlaced"),
+            payload: Some(Cow::Borrowed(br#"{"total": 10}"#)),
+            headers: Some(Cow::Borrowed(r#"{"traceparent": "00-abc-01", "n": 3, "o": {"a": [1]}}"#)),
+            timestamp_ms: Some(1_700_000_000_123),
+            pg_lsn: Some("0/16B3748"),
+        }
+    }
+
+    fn publish(routed: Routed<'_>) -> Record<'_> {
+        match routed {
+            Routed::Publish(r) => r,
+            other => panic!("expected a record, got {other:?}"),
+        }
+    }
+
+    fn dead(routed: Routed<'_>) -> (Record<'_>, DeadLetterReason) {
+        match routed {
+            Routed::DeadLetter { record, reason } => (record, reason),
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn maps_a_row_to_its_record() {
+        let r = publish(router().route(event()));
+        assert_eq!(r.topic, "outbox.event.order");
+        assert_eq!(r.key, Some(&b"order-42"[..]));
+        assert_eq!(r.value.as_deref(), Some(&br#"{"total": 10}"#[..]));
+        assert_eq!(r.timestamp_ms, Some(1_700_000_000_123));
+        assert_eq!(
+            r.header("id"),
+            Some(&b"6f1c2a0e-0000-4000-8000-000000000001"[..])
+        );
+        assert_eq!(r.header("event_type"), Some(&b"OrderPlaced"[..]));
+        assert_eq!(r.header("aggregate_type"), Some(&b"order"[..]));
+        assert_eq!(r.header("pg_lsn"), Some(&b"0/16B3748"[..]));
+        assert_eq!(r.header("traceparent"), Some(&b"00-abc-01"[..]));
+        assert_eq!(r.header("n"), Some(&b"3"[..]));
+        assert_eq!(r.header("o"), Some(&br#"{"a": [1]}"#[..]));
+    }
+
+    #[test]
+    fn null_payload_is_a_tombstone() {
+        let mut e = event();
+        e.payload = None;
+        assert_eq!(publish(router().route(e)).value, None);
+    }
+
+    #[test]
+    fn renders_both_placeholders() {
+        let r = Router::new("{aggregate_type}-x.{event_type}", "dlq", 1_000_000);
+        assert_eq!(publish(r.route(event())).topic, "order-x.OrderPlaced");
+        let r = Router::new("fixed", "dlq", 1_000_000);
+        assert_eq!(publish(r.route(event())).topic, "fixed");
+    }
+
+    #[test]
+    fn illegal_topic_goes_to_dead_letter() {
+        let mut e = event();
+        e.aggregate_type = Some("bad type/with slash");
+        let (r, reason) = dead(router().route(e));
+        assert_eq!(reason, DeadLetterReason::InvalidTopic);
+        assert_eq!(r.topic, "outbox.dead-letter");
+        assert_eq!(r.key, Some(&b"order-42"[..]));
+        assert_eq!(r.value.as_deref(), Some(&br#"{"total": 10}"#[..]));
+        assert_eq!(r.header("dlq_reason"), Some(&b"invalid_topic"[..]));
+        assert_eq!(
+            r.header("dlq_topic"),
+            Some(&b"outbox.event.bad type/with slash"[..])
+        );
+        assert!(r.header("dlq_error").is_some());
+        assert_eq!(r.header("traceparent"), Some(&b"00-abc-01"[..]));
+    }
+
+    #[test]
+    fn null_or_empty_routing_fields_go_to_dead_letter() {
+        for mutate in [
+            (|e: &mut OutboxEvent| e.aggregate_type = None) as fn(&mut OutboxEvent),
+            |e| e.aggregate_type = Some(""),
+            |e| e.aggregate_id = None,
+            |e| e.aggregate_id = Some(""),
+        ] {
+            let mut e = event();
+            mutate(&mut e);
+            let (r, reason) = dead(router().route(e));
+            assert_eq!(reason, DeadLetterReason::InvalidTopic);
+            assert_eq!(r.header("dlq_reason"), Some(&b"invalid_topic"[..]));
+        }
+        let long = "a".repeat(300);
+        let mut e = event();
+        e.aggregate_type = Some(&long);
+        assert_eq!(dead(router().route(e)).1, DeadLetterReason::InvalidTopic);
+    }
+
+    #[test]
+    fn headers_that_are_not_an_object_go_to_dead_letter() {
+        for bad in ["[1,2]", "\"x\"", "3", "{not json", "null"] {
+            let mut e = event();
+            e.headers = Some(Cow::Borrowed(bad));
+            let (r, reason) = dead(router().route(e));
+            assert_eq!(reason, DeadLetterReason::InvalidHeaders, "{bad}");
+            assert_eq!(r.header("id"), Some(&b"6f1c2a0e-0000-4000-8000-000000000001"[..]));
+        }
+    }
+
+    #[test]
+    fn too_large_payload_goes_to_dead_letter_without_value() {
+        let r = Router::new("t.{aggregate_type}", "dlq", 2_000);
+        let big = vec![b'x'; 5_000];
+        let mut e = event();
+        e.payload = Some(Cow::Owned(big));
+        let (rec, reason) = dead(r.route(e));
+        assert_eq!(reason, DeadLetterReason::MessageTooLarge);
+        assert_eq!(rec.value, None);
+        assert_eq!(rec.header("dlq_topic"), Some(&b"t.order"[..]));
+    }
+
+    #[test]
+    fn topic_name_rules() {
+        assert_eq!(topic_name_error("outbox.event.order_v2-x"), None);
+        assert!(topic_name_error("").is_some());
+        assert!(topic_name_error(".").is_some());
+        assert!(topic_name_error("..").is_some());
+        assert!(topic_name_error("a b").is_some());
+        assert!(topic_name_error("ä").is_some());
+        assert!(topic_name_error(&"a".repeat(250)).is_some());
+        assert_eq!(topic_name_error(&"a".repeat(249)), None);
+    }
+
+    #[test]
+    fn parses_an_envelope() {
+        let text = br#"{"id":"u1","aggregate_type":"order","aggregate_id":"7","event_type":"E","payload":{"a": 1},"headers":{"h":"v"},"created_at":"2026-01-01T00:00:00+00:00"}"#;
+        let env = Envelope::parse(text).unwrap();
+        assert_eq!(env.id.as_deref(), Some("u1"));
+        assert_eq!(env.payload.unwrap().get(), r#"{"a": 1}"#);
+        assert_eq!(env.headers.unwrap().get(), r#"{"h":"v"}"#);
+        assert!(Envelope::parse(b"not json").is_err());
+        assert!(Envelope::parse(b"[1]").is_err());
+    }
+}

@@ -1,0 +1,471 @@
+//! The Kafka side: an idempotent librdkafka producer whose delivery reports feed the
+//! watermark.
+//!
+//! Records are handed to librdkafka with their watermark unit's number as the delivery
+//! opaque; the delivery callback (on librdkafka's polling thread) acknowledges the unit, so
+//! the source can confirm positions as soon as a contiguous run of units is acknowledged. A
+//! full local queue is backpressure: `send` waits for room instead of failing. A record Kafka
+//! refuses for its own content (too large, illegal topic) comes back to the pipeline as a
+//! [`Refused`] to be dead-lettered in the same unit; any other delivery failure is a
+//! transient fault that restarts the pipeline from the confirmed position.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message};
+use tokio::sync::mpsc;
+
+use crate::checkpoint::{Checkpoint, UnitId};
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::route::{DeadLetterReason, Routed, Router};
+
+/// librdkafka's default `message.max.bytes`, used when the config does not set it.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Records librdkafka may hold before `send` waits: bounds memory (a few hundred bytes a
+/// record) while leaving room for large batches to the broker.
+const DEFAULT_QUEUE_MESSAGES: &str = "100000";
+
+/// How long topic creation may take before the session is retried.
+const TOPIC_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `send` sleeps when librdkafka's queue is full before trying again.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(1);
+
+/// Bits of the delivery opaque that say what kind of record it was (0 = an event, else a
+/// dead-letter reason + 1); the rest is the unit id.
+const KIND_BITS: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot create the Kafka producer")]
+    Create(#[source] KafkaError),
+    #[error("cannot produce to Kafka")]
+    Produce(#[source] KafkaError),
+    #[error("cannot create topic {topic}: {reason}")]
+    CreateTopic { topic: String, reason: String },
+    #[error("delivery to Kafka failed: {0}")]
+    Delivery(String),
+}
+
+/// A record Kafka refused for its own content: the pipeline dead-letters it in its unit.
+#[derive(Debug)]
+pub struct Refused {
+    pub unit: UnitId,
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub reason: DeadLetterReason,
+    pub error: String,
+}
+
+/// State shared between the pipeline and the delivery callback.
+pub struct Shared<P> {
+    checkpoint: Mutex<Checkpoint<P>>,
+    pub metrics: Metrics,
+    /// The first delivery failure that must restart the pipeline.
+    failure: Mutex<Option<String>>,
+}
+
+impl<P: Copy + Ord> Shared<P> {
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            checkpoint: Mutex::new(Checkpoint::new()),
+            metrics,
+            failure: Mutex::new(None),
+        })
+    }
+
+    pub fn checkpoint(&self) -> MutexGuard<'_, Checkpoint<P>> {
+        // A panic while holding the lock can't leave the counters half-updated in a way that
+        // matters more than stopping would; keep going with the data.
+        self.checkpoint
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A delivery failure that requires a restart, if one happened.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, message: String) {
+        let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(message);
+        }
+    }
+}
+
+/// The librdkafka context: logs client errors, turns delivery reports into acks.
+pub struct DeliveryContext<P> {
+    shared: Arc<Shared<P>>,
+    refused: mpsc::UnboundedSender<Refused>,
+}
+
+impl<P: Send + Sync> ClientContext for DeliveryContext<P> {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let unit = (opaque >> KIND_BITS) as UnitId;
+        let kind = opaque & ((1 << KIND_BITS) - 1);
+        let metrics = &self.shared.metrics;
+        match result {
+            Ok(message) => {
+                let committed_at = self.shared.checkpoint().ack(unit);
+                if let Some(at) = committed_at {
+                    metrics
+                        .end_to_end_latency
+                        .observe(at.elapsed().as_secs_f64());
+                }
+                match kind.checked_sub(1).and_then(|k| DeadLetterReason::ALL.get(k)) {
+                    Some(reason) => metrics
+                        .events_dead_lettered
+                        .with_label_values(&[reason.as_str()])
+                        .inc(),
+                    None => metrics
+                        .events_published
+                        .with_label_values(&[message.topic()])
+                        .inc(),
+                }
+            }
+            Err((error, message)) => {
+                let code = error.rdkafka_error_code();
+                let reason = match code {
+                    Some(RDKafkaErrorCode::MessageSizeTooLarge)
+                    | Some(RDKafkaErrorCode::InvalidMessageSize) => {
+                        Some(DeadLetterReason::MessageTooLarge)
+                    }
+                    Some(RDKafkaErrorCode::InvalidTopic) => Some(DeadLetterReason::InvalidTopic),
+                    _ => None,
+                };
+                metrics
+                    .publish_errors
+                    .with_label_values(&[error_kind(code)])
+                    .inc();
+                match reason {
+                    // A dead-letter record refused again can't be helped by another try.
+                    Some(reason) if kind == 0 => {
+                        let refused = Refused {
+                            unit,
+                            topic: message.topic().to_owned(),
+                            key: message.key().map(<[u8]>::to_vec),
+                            value: message.payload().map(<[u8]>::to_vec),
+                            headers: message
+                                .headers()
+                                .map(|h| {
+                                    h.iter()
+                                        .map(|h| {
+                                            (h.key.to_owned(), h.value.unwrap_or(&[]).to_vec())
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
+                            reason,
+                            error: error.to_string(),
+                        };
+                        if self.refused.send(refused).is_err() {
+                            self.shared
+                                .fail("pipeline gone while a record was refused".into());
+                        }
+                    }
+                    _ => self.shared.fail(format!(
+                        "delivery to {} failed: {error}",
+                        message.topic()
+                    )),
+                }
+            }
+        }
+    }
+}
+
+fn error_kind(code: Option<RDKafkaErrorCode>) -> &'static str {
+    match code {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize) => {
+            "message_too_large"
+        }
+        Some(RDKafkaErrorCode::InvalidTopic) => "invalid_topic",
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
+            "unknown_topic"
+        }
+        Some(RDKafkaErrorCode::MessageTimedOut) => "timeout",
+        Some(RDKafkaErrorCode::Fatal) => "fatal",
+        _ => "other",
+    }
+}
+
+/// The producer side of one pipeline session.
+pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
+    producer: ThreadedProducer<DeliveryContext<P>>,
+    admin: AdminClient<DefaultClientContext>,
+    known_topics: HashSet<String>,
+    create_topics: bool,
+    partitions: i32,
+    refused: mpsc::UnboundedReceiver<Refused>,
+    refused_tx: mpsc::UnboundedSender<Refused>,
+    shared: Arc<Shared<P>>,
+}
+
+/// The librdkafka settings for the producer: our defaults, then `[kafka.properties]`
+/// verbatim.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("partitioner", "murmur2_random")
+        // Wait for the broker instead of failing records: an outage is backpressure, not
+        // data loss, and a failed record would only be resent after a restart.
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES);
+    for (key, value) in &cfg.properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The producer's `message.max.bytes`: what the router compares record sizes with.
+pub fn max_message_bytes(cfg: &KafkaConfig) -> usize {
+    cfg.properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+}
+
+impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
+    pub fn new(cfg: &KafkaConfig, shared: Arc<Shared<P>>) -> Result<Self, SinkError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = client_config(cfg);
+        let producer = client
+            .create_with_context(DeliveryContext {
+                shared: Arc::clone(&shared),
+                refused: tx.clone(),
+            })
+            .map_err(SinkError::Create)?;
+        let admin = admin_config(cfg).create().map_err(SinkError::Create)?;
+        Ok(Self {
+            producer,
+            admin,
+            known_topics: HashSet::new(),
+            create_topics: cfg.create_topics,
+            partitions: cfg.topic_partitions,
+            refused: rx,
+            refused_tx: tx,
+            shared,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared<P>> {
+        &self.shared
+    }
+
+    /// Produces one routed record as part of `unit`; waits while librdkafka's queue is full.
+    pub async fn send(&mut self, unit: UnitId, routed: Routed<'_>) -> Result<(), SinkError> {
+        let (record, kind) = match routed {
+            Routed::Publish(record) => (record, 0),
+            Routed::DeadLetter { record, reason } => (record, reason_kind(reason)),
+        };
+        self.ensure_topic(&record.topic).await?;
+        self.shared.checkpoint().add(unit);
+        let opaque = ((unit as usize) << KIND_BITS) | kind;
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_ref()),
+            });
+        }
+        let mut base = BaseRecord::with_opaque_to(&record.topic, opaque).headers(headers);
+        if let Some(key) = record.key {
+            base = base.key(key);
+        }
+        if let Some(value) = record.value.as_deref() {
+            base = base.payload(value);
+        }
+        if let Some(ts) = record.timestamp_ms {
+            base = base.timestamp(ts);
+        }
+        loop {
+            match self.producer.send(base) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    base = back;
+                    tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                }
+                Err((KafkaError::MessageProduction(code), back))
+                    if kind == 0
+                        && matches!(
+                            code,
+                            RDKafkaErrorCode::MessageSizeTooLarge
+                                | RDKafkaErrorCode::InvalidMessageSize
+                        ) =>
+                {
+                    // librdkafka checks the size itself. The record stays counted in its
+                    // unit until its dead letter is acknowledged.
+                    drop(back);
+                    let refused = Refused {
+                        unit,
+                        topic: record.topic.to_string(),
+                        key: record.key.map(<[u8]>::to_vec),
+                        value: None,
+                        headers: record
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_vec()))
+                            .collect(),
+                        reason: DeadLetterReason::MessageTooLarge,
+                        error: format!("kafka refused the record: {code}"),
+                    };
+                    let _ = self.refused_tx.send(refused);
+                    return Ok(());
+                }
+                Err((error, _)) => {
+                    self.shared.checkpoint().ack(unit);
+                    return Err(SinkError::Produce(error));
+                }
+            }
+        }
+    }
+
+    /// A refused record already waiting, if any.
+    pub fn try_refused(&mut self) -> Option<Refused> {
+        self.refused.try_recv().ok()
+    }
+
+    /// Waits for the next record Kafka refused, to be dead-lettered.
+    pub async fn refused(&mut self) -> Option<Refused> {
+        self.refused.recv().await
+    }
+
+    /// Dead-letters a refused record in its unit, then releases the refused record's count.
+    pub async fn redirect(&mut self, refused: Refused, router: &Router) -> Result<(), SinkError> {
+        let headers = refused
+            .headers
+            .into_iter()
+            .map(|(k, v)| (Cow::Owned(k), Cow::Owned(v)))
+            .collect();
+        let routed = router.dead_letter_raw(
+            refused.key.as_deref(),
+            refused.value.map(Cow::Owned),
+            headers,
+            refused.reason,
+            refused.error,
+            &refused.topic,
+        );
+        self.send(refused.unit, routed).await?;
+        self.shared.checkpoint().ack(refused.unit);
+        Ok(())
+    }
+
+    /// Makes sure `topic` exists before the first record for it (the broker may not create
+    /// topics on produce).
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+        if !self.create_topics || self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        tracing::debug!(topic, "creating topic");
+        let new = NewTopic::new(topic, self.partitions, TopicReplication::Fixed(-1));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(TOPIC_CREATE_TIMEOUT))
+            .request_timeout(Some(TOPIC_CREATE_TIMEOUT));
+        let creating = self.admin.create_topics([&new], &options);
+        let results = tokio::time::timeout(TOPIC_CREATE_TIMEOUT + Duration::from_secs(5), creating)
+            .await
+            .map_err(|_| SinkError::CreateTopic {
+                topic: topic.to_owned(),
+                reason: "the broker did not answer".into(),
+            })?
+            .map_err(|e| SinkError::CreateTopic {
+                topic: topic.to_owned(),
+                reason: e.to_string(),
+            })?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(SinkError::CreateTopic {
+                        topic: name,
+                        reason: code.to_string(),
+                    })
+                }
+            }
+        }
+        tracing::info!(topic, "topic ready");
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Waits until every produced record is acknowledged or `deadline` passes; true when
+    /// nothing is left in flight.
+    pub async fn drain(&self, deadline: Instant) -> bool {
+        loop {
+            if self.shared.checkpoint().inflight() == 0 {
+                return true;
+            }
+            if let Some(failure) = self.shared.failure() {
+                tracing::warn!(failure, "delivery failed while draining");
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Drops whatever librdkafka still holds; used when a session ends on a fault.
+    pub fn purge(&self) {
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+    }
+}
+
+fn reason_kind(reason: DeadLetterReason) -> usize {
+    DeadLetterReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .map_or(0, |i| i + 1)
+}
+
+/// Settings for clients that don't produce (admin, metadata probes): the brokers and the
+/// security and connection properties.
+pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &cfg.brokers);
+    // Security and client settings apply to the admin client too; producer-only settings
+    // would only draw warnings, so pass just those that every client understands.
+    for (key, value) in &cfg.properties {
+        if key.starts_with("security.")
+            || key.starts_with("sasl.")
+            || key.starts_with("ssl.")
+            || key.starts_with("client.")
+            || key.starts_with("socket.")
+            || key.starts_with("broker.")
+        {
+            config.set(key, value);
+        }
+    }
+    config
+}

@@ -1,0 +1,543 @@
+//! The logical replication source: tails the outbox table's `pgoutput` stream.
+//!
+//! A session prepares the publication and slot, reads the slot's confirmed position, and
+//! streams from there. pgoutput (protocol 1) delivers each committed transaction whole and in
+//! commit order, so every transaction becomes one watermark unit ending at its commit's end
+//! LSN; a position is confirmed to the server only once Kafka has acknowledged every record
+//! at or before it. When nothing is in flight and no transaction is open, the keepalive's WAL
+//! end is confirmed too: an idle outbox on a busy database must not pin WAL.
+//!
+//! Shutdown finishes the transaction being read (it is committed and arrives whole), waits
+//! for every ack, confirms the final position in a status update and ends the stream, so a
+//! restart resends nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_util::sync::CancellationToken;
+
+use super::pgoutput::{self, Message, Relation, Value};
+use super::values;
+use super::{Session, SourceError};
+use crate::config::Config;
+use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
+use crate::sink::kafka::{KafkaSink, Shared};
+
+/// How often the session publishes confirmable positions and gauges.
+const TICK: Duration = Duration::from_millis(50);
+
+/// How long shutdown waits for Kafka to acknowledge what is in flight.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(7);
+
+/// Events buffered between the replication connection and the pipeline.
+const STREAM_BUFFER_EVENTS: usize = 8192;
+
+const TYPE_BYTEA: u32 = 17;
+
+/// Where each configured column sits in the outbox relation.
+#[derive(Debug, Default, Clone)]
+struct OutboxColumns {
+    id: Option<usize>,
+    aggregate_type: Option<usize>,
+    aggregate_id: Option<usize>,
+    event_type: Option<usize>,
+    payload: Option<usize>,
+    payload_is_bytea: bool,
+    headers: Option<usize>,
+    created_at: Option<usize>,
+}
+
+impl OutboxColumns {
+    fn locate(relation: &Relation, cfg: &Config) -> Self {
+        let cols = &cfg.source.columns;
+        let find = |name: &str| relation.columns.iter().position(|c| c.name == name);
+        let payload = find(&cols.payload);
+        Self {
+            id: find(&cols.id),
+            aggregate_type: find(&cols.aggregate_type),
+            aggregate_id: find(&cols.aggregate_id),
+            event_type: find(&cols.event_type),
+            payload,
+            payload_is_bytea: payload
+                .and_then(|i| relation.columns.get(i))
+                .is_some_and(|c| c.type_oid == TYPE_BYTEA),
+            headers: cols.headers.as_deref().and_then(find),
+            created_at: cols.created_at.as_deref().and_then(find),
+        }
+    }
+}
+
+/// The transaction being read.
+struct OpenTransaction {
+    unit: u64,
+    commit_lsn: String,
+    commit_ms: i64,
+}
+
+/// Connection details for the replication protocol, from the libpq-style URL.
+pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError> {
+    let pg = cfg.postgres_config().map_err(|e| SourceError::Definite {
+        problem: e.to_string(),
+        fix: "set postgres.url to a valid libpq URL".into(),
+    })?;
+    let (host, port) = match (pg.get_hosts().first(), pg.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(h)), port) => (h.clone(), *port.unwrap_or(&5432)),
+        #[cfg(unix)]
+        (Some(tokio_postgres::config::Host::Unix(path)), port) => (
+            path.to_string_lossy().into_owned(),
+            *port.unwrap_or(&5432),
+        ),
+        _ => ("localhost".to_owned(), *pg.get_ports().first().unwrap_or(&5432)),
+    };
+    let user = pg.get_user().unwrap_or("postgres").to_owned();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = pg.get_dbname().unwrap_or(&user).to_owned();
+    Ok(ReplicationConfig::new(
+        host,
+        user,
+        password,
+        database,
+        cfg.source.slot.clone(),
+        cfg.source.publication.clone(),
+    )
+    .with_port(port)
+    .with_application_name("outbox-relay")
+    // Timestamps arrive as text; pin their format so they parse the same everywhere.
+    .with_options("-c datestyle=ISO -c timezone=UTC")
+    .with_buffer_size(STREAM_BUFFER_EVENTS))
+}
+
+/// One leader session of the logical source: runs until shutdown (Ok) or a fault (Err).
+pub async fn run_session(
+    session: &Session,
+    shutdown: &CancellationToken,
+) -> Result<(), SourceError> {
+    let cfg = &session.config;
+    let client = session.pool.get().await.map_err(SourceError::pool)?;
+    let prepared = super::setup::prepare_logical(&**client, cfg).await?;
+    drop(client);
+
+    let status_interval = feedback_interval(prepared.wal_sender_timeout);
+    let start = Lsn::from_u64(prepared.confirmed_flush);
+    let repl_cfg = replication_config(cfg)?
+        .with_start_lsn(start)
+        .with_ack_lsn(start)
+        .with_status_interval(status_interval)
+        .with_wakeup_interval(status_interval);
+    let mut stream = ReplicationClient::connect(repl_cfg)
+        .await
+        .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
+    stream
+        .wait_started()
+        .await
+        .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
+
+    session.state.set_leader(true);
+    session.metrics.is_leader.set(1);
+    tracing::info!(
+        slot = %cfg.source.slot,
+        from = %start,
+        feedback_ms = status_interval.as_millis() as u64,
+        "streaming the outbox"
+    );
+
+    let shared: Arc<Shared<u64>> = Shared::new(session.metrics.clone());
+    let mut sink = KafkaSink::new(&cfg.kafka, Arc::clone(&shared))?;
+    let mut pipeline = Pipeline {
+        cfg,
+        router: session.router.clone(),
+        relations: HashMap::new(),
+        open: None,
+        confirmed: prepared.confirmed_flush,
+        stream_metrics: stream.metrics(),
+    };
+    let result = pipeline
+        .stream(&mut stream, &mut sink, &shared, session, shutdown)
+        .await;
+    if result.is_err() {
+        sink.purge();
+        stream.abort();
+    }
+    session.state.set_leader(false);
+    session.metrics.is_leader.set(0);
+    result
+}
+
+/// `min(1 s, wal_sender_timeout / 2)`: frequent enough that the server never times us out,
+/// and that confirmed positions reach the slot quickly.
+fn feedback_interval(wal_sender_timeout: Duration) -> Duration {
+    let half = wal_sender_timeout / 2;
+    if half.is_zero() {
+        Duration::from_secs(1)
+    } else {
+        half.min(Duration::from_secs(1)).max(Duration::from_millis(10))
+    }
+}
+
+struct Pipeline<'a> {
+    cfg: &'a Config,
+    router: Router,
+    relations: HashMap<u32, Option<OutboxColumns>>,
+    open: Option<OpenTransaction>,
+    confirmed: u64,
+    stream_metrics: Arc<pgwire_replication::ReplicationMetrics>,
+}
+
+impl Pipeline<'_> {
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationClient,
+        sink: &mut KafkaSink<u64>,
+        shared: &Arc<Shared<u64>>,
+        session: &Session,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping = false;
+        loop {
+            if stopping && self.open.is_none() {
+                return self.finish(stream, sink, shared).await;
+            }
+            tokio::select! {
+                biased;
+                // 1. Shutdown: stop taking transactions at the next boundary.
+                _ = shutdown.cancelled(), if !stopping => {
+                    tracing::info!("shutting down: finishing the open transaction and draining");
+                    stopping = true;
+                }
+                // 2. Records Kafka refused for their content go to the dead-letter topic.
+                Some(refused) = sink.refused() => {
+                    sink.redirect(refused, &self.router).await?;
+                }
+                // 3. Confirm what Kafka has acknowledged; surface delivery failures.
+                _ = tick.tick() => {
+                    self.confirm(stream, shared, session);
+                    if let Some(failure) = shared.failure() {
+                        return Err(SourceError::Sink(crate::sink::kafka::SinkError::Delivery(failure)));
+                    }
+                }
+                // 4. New data.
+                event = stream.recv() => {
+                    match event.map_err(|e| SourceError::replication(e, &self.cfg.source.slot))? {
+                        Some(event) => self.handle(event, stream, sink, shared).await?,
+                        None => return Err(SourceError::StreamEnded),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes the newest confirmable position to the server and refreshes gauges.
+    fn confirm(&mut self, stream: &ReplicationClient, shared: &Shared<u64>, session: &Session) {
+        let (confirmable, inflight) = {
+            let mut checkpoint = shared.checkpoint();
+            (checkpoint.take_confirmable(), checkpoint.inflight())
+        };
+        if let Some(lsn) = confirmable {
+            self.advance(stream, lsn);
+        }
+        let metrics = &session.metrics;
+        metrics.inflight_events.set(inflight as i64);
+        let wal_end = self.stream_metrics.last_wal_end().as_u64();
+        metrics
+            .replication_lag_bytes
+            .set(wal_end.saturating_sub(self.confirmed) as i64);
+        metrics.confirmed_lsn.set(self.confirmed as i64);
+        session.state.set_position(Lsn::from_u64(self.confirmed).to_string());
+    }
+
+    fn advance(&mut self, stream: &ReplicationClient, lsn: u64) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            stream.update_applied_lsn(Lsn::from_u64(lsn));
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        stream: &ReplicationClient,
+        sink: &mut KafkaSink<u64>,
+        shared: &Shared<u64>,
+    ) -> Result<(), SourceError> {
+        tracing::trace!(?event, "replication event");
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                let commit_ms = values::pg_micros_to_unix_ms(commit_time_micros);
+                let unit = shared.checkpoint().open(Some(instant_of(commit_ms)));
+                self.open = Some(OpenTransaction {
+                    unit,
+                    commit_lsn: final_lsn.to_string(),
+                    commit_ms,
+                });
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                if let Some(tx) = self.open.take() {
+                    shared.checkpoint().seal(tx.unit, end_lsn.as_u64());
+                }
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let message = pgoutput::decode(&data).map_err(SourceError::Decode)?;
+                self.change(message, sink).await?;
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                if prefix != self.cfg.source.message_prefix {
+                    return Ok(());
+                }
+                if transactional {
+                    if let Some(tx) = &self.open {
+                        let (unit, commit_lsn, commit_ms) =
+                            (tx.unit, tx.commit_lsn.clone(), tx.commit_ms);
+                        self.emitted(&content, unit, &commit_lsn, commit_ms, sink)
+                            .await?;
+                    }
+                } else {
+                    // Outside any transaction: a unit of its own at the message's LSN.
+                    let now_ms = unix_ms_now();
+                    let unit = shared.checkpoint().open(Some(Instant::now()));
+                    let lsn_text = lsn.to_string();
+                    self.emitted(&content, unit, &lsn_text, now_ms, sink).await?;
+                    shared.checkpoint().seal(unit, lsn.as_u64());
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Everything up to the server's WAL end has been seen; with nothing in
+                // flight and no transaction open it is all confirmed.
+                if self.open.is_none() {
+                    let idle = {
+                        let mut checkpoint = shared.checkpoint();
+                        if let Some(lsn) = checkpoint.take_confirmable() {
+                            self.advance(stream, lsn);
+                        }
+                        checkpoint.is_idle()
+                    };
+                    if idle {
+                        self.advance(stream, wal_end.as_u64());
+                    }
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A pgoutput change inside the open transaction.
+    async fn change(
+        &mut self,
+        message: Message<'_>,
+        sink: &mut KafkaSink<u64>,
+    ) -> Result<(), SourceError> {
+        match message {
+            Message::Relation(relation) => {
+                let (schema, table) = self.cfg.source.table_parts();
+                let columns = (relation.namespace == schema && relation.name == table)
+                    .then(|| OutboxColumns::locate(&relation, self.cfg));
+                self.relations.insert(relation.id, columns);
+            }
+            Message::Insert { relation_id, new } => {
+                let Some(Some(columns)) = self.relations.get(&relation_id) else {
+                    return Ok(());
+                };
+                let Some(tx) = &self.open else {
+                    return Ok(());
+                };
+                let event = row_event(columns, &new, &tx.commit_lsn, tx.commit_ms);
+                let unit = tx.unit;
+                let routed = self.router.route(event);
+                sink.send(unit, routed).await?;
+            }
+            Message::Update { relation_id, .. } => self.ignored(relation_id, "update", sink),
+            Message::Delete { relation_id, .. } => self.ignored(relation_id, "delete", sink),
+            Message::Truncate { relation_ids, .. } => {
+                for id in relation_ids {
+                    self.ignored(id, "truncate", sink);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn ignored(&self, relation_id: u32, operation: &str, sink: &KafkaSink<u64>) {
+        if matches!(self.relations.get(&relation_id), Some(Some(_))) {
+            sink.shared()
+                .metrics
+                .ignored_changes
+                .with_label_values(&[operation])
+                .inc();
+        }
+    }
+
+    /// An event emitted with `outbox.emit(...)`.
+    async fn emitted(
+        &self,
+        content: &[u8],
+        unit: u64,
+        commit_lsn: &str,
+        commit_ms: i64,
+        sink: &mut KafkaSink<u64>,
+    ) -> Result<(), SourceError> {
+        let routed = match Envelope::parse(content) {
+            Ok(envelope) => {
+                let event = OutboxEvent {
+                    id: envelope.id.as_deref(),
+                    aggregate_type: envelope.aggregate_type.as_deref(),
+                    aggregate_id: envelope.aggregate_id.as_deref(),
+                    event_type: envelope.event_type.as_deref(),
+                    payload: envelope
+                        .payload
+                        .map(|p| std::borrow::Cow::Borrowed(p.get().as_bytes())),
+                    headers: envelope
+                        .headers
+                        .map(|h| std::borrow::Cow::Borrowed(h.get())),
+                    timestamp_ms: Some(
+                        envelope
+                            .created_at
+                            .as_deref()
+                            .and_then(values::parse_timestamp_ms)
+                            .unwrap_or(commit_ms),
+                    ),
+                    pg_lsn: Some(commit_lsn),
+                };
+                // The envelope borrows `content`; route and send before it goes.
+                let routed = self.router.route(event);
+                return Ok(sink.send(unit, routed).await?);
+            }
+            Err(error) => self.router.dead_letter_raw(
+                None,
+                Some(std::borrow::Cow::Borrowed(content)),
+                vec![(
+                    "pg_lsn".into(),
+                    std::borrow::Cow::Owned(commit_lsn.as_bytes().to_vec()),
+                )],
+                DeadLetterReason::InvalidMessage,
+                error,
+                "",
+            ),
+        };
+        Ok(sink.send(unit, routed).await?)
+    }
+
+    /// Drains in-flight records, confirms the final position and ends the stream.
+    async fn finish(
+        &mut self,
+        stream: &mut ReplicationClient,
+        sink: &mut KafkaSink<u64>,
+        shared: &Arc<Shared<u64>>,
+    ) -> Result<(), SourceError> {
+        let deadline = Instant::now() + DRAIN_DEADLINE;
+        loop {
+            // Refused records must still be dead-lettered for the drain to finish.
+            while let Some(refused) = sink.try_refused() {
+                sink.redirect(refused, &self.router).await?;
+            }
+            if sink.drain(Instant::now() + Duration::from_millis(20)).await {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    inflight = shared.checkpoint().inflight(),
+                    "shutdown deadline passed with records in flight; they will be resent"
+                );
+                break;
+            }
+        }
+        if let Some(lsn) = shared.checkpoint().take_confirmable() {
+            self.advance(stream, lsn);
+        }
+        // Wait until the final position has gone out in a status update.
+        let sent_deadline = Instant::now() + Duration::from_secs(3);
+        while self.stream_metrics.last_applied_lsn().as_u64() < self.confirmed
+            && Instant::now() < sent_deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(confirmed = %Lsn::from_u64(self.confirmed), "final position confirmed");
+        stream
+            .shutdown()
+            .await
+            .map_err(|e| SourceError::replication(e, &self.cfg.source.slot))?;
+        Ok(())
+    }
+}
+
+/// The event carried by an outbox row.
+fn row_event<'a>(
+    columns: &OutboxColumns,
+    tuple: &pgoutput::Tuple<'a>,
+    commit_lsn: &'a str,
+    commit_ms: i64,
+) -> OutboxEvent<'a> {
+    let text = |index: Option<usize>| -> Option<&'a str> {
+        match tuple.get(index?)? {
+            Value::Text(bytes) => std::str::from_utf8(bytes).ok(),
+            _ => None,
+        }
+    };
+    let payload = columns.payload.and_then(|i| match tuple.get(i)? {
+        Value::Text(bytes) if columns.payload_is_bytea => {
+            Some(std::borrow::Cow::Owned(values::parse_bytea(bytes)?))
+        }
+        Value::Text(bytes) | Value::Binary(bytes) => Some(std::borrow::Cow::Borrowed(bytes)),
+        _ => None,
+    });
+    OutboxEvent {
+        id: text(columns.id),
+        aggregate_type: text(columns.aggregate_type),
+        aggregate_id: text(columns.aggregate_id),
+        event_type: text(columns.event_type),
+        payload,
+        headers: text(columns.headers).map(std::borrow::Cow::Borrowed),
+        timestamp_ms: Some(
+            text(columns.created_at)
+                .and_then(values::parse_timestamp_ms)
+                .unwrap_or(commit_ms),
+        ),
+        pg_lsn: Some(commit_lsn),
+    }
+}
+
+fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The monotonic instant matching a wall-clock commit time, for latency measurements.
+fn instant_of(commit_ms: i64) -> Instant {
+    let age = Duration::from_millis(unix_ms_now().saturating_sub(commit_ms).max(0) as u64);
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feedback_interval_follows_wal_sender_timeout() {
+        assert_eq!(
+            feedback_interval(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            feedback_interval(Duration::from_millis(800)),
+            Duration::from_millis(400)
+        );
+        assert_eq!(feedback_interval(Duration::ZERO), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,97 @@
+//! Where committed outbox events come from: the logical replication stream (`logical`,
+//! decoded by `pgoutput`) and, later, the polling reader. Both hand rows to the same router
+//! and sink; `setup` prepares the database objects they need.
+
+pub mod logical;
+pub mod pgoutput;
+pub mod setup;
+pub mod values;
+
+use std::sync::Arc;
+
+use pgwire_replication::PgWireError;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::sink::kafka::SinkError;
+use crate::status::RelayState;
+
+/// What a source session needs, shared across reconnects.
+pub struct Session {
+    pub config: Arc<Config>,
+    pub pool: deadpool_postgres::Pool,
+    pub metrics: Metrics,
+    pub router: Router,
+    pub state: Arc<RelayState>,
+}
+
+/// Why a session ended. [`SourceError::is_definite`] separates faults the operator must fix
+/// (stop and say how) from transient ones (retry with backoff from the confirmed position).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{problem}; to fix: {fix}")]
+    Definite { problem: String, fix: String },
+    #[error("replication slot {slot} is in use by another connection")]
+    SlotBusy { slot: String },
+    #[error("postgres query failed while {context}")]
+    Postgres {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot get a postgres connection")]
+    Pool(#[source] deadpool_postgres::PoolError),
+    #[error("replication stream failed")]
+    Replication(#[source] PgWireError),
+    #[error("the replication stream ended unexpectedly")]
+    StreamEnded,
+    #[error("cannot decode a pgoutput message")]
+    Decode(#[source] pgoutput::DecodeError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+impl SourceError {
+    /// True when retrying cannot help: the relay stops and reports the fix.
+    pub fn is_definite(&self) -> bool {
+        matches!(self, Self::Definite { .. })
+    }
+
+    pub(crate) fn pool(e: deadpool_postgres::PoolError) -> Self {
+        Self::Pool(e)
+    }
+
+    /// Classifies an error from the replication connection.
+    pub(crate) fn replication(e: PgWireError, slot: &str) -> Self {
+        let text = e.to_string();
+        if text.contains("is active for PID") {
+            return Self::SlotBusy { slot: slot.to_owned() };
+        }
+        if let PgWireError::Auth(_) = e {
+            return Self::Definite {
+                problem: format!("postgres refused the replication login ({text})"),
+                fix: "check the user and password in postgres.url and that pg_hba.conf allows replication connections for it".into(),
+            };
+        }
+        if text.contains("replication slot") && text.contains("does not exist") {
+            return Self::Definite {
+                problem: format!("replication slot {slot} vanished while streaming; events committed since the last confirmed position may be lost if it is recreated"),
+                fix: "see the README section \"A vanished slot\"".into(),
+            };
+        }
+        if text.contains("publication") && text.contains("does not exist") {
+            return Self::Definite {
+                problem: format!("the publication is missing ({text})"),
+                fix: "run `outbox-relay init` or create the publication for the outbox table".into(),
+            };
+        }
+        if text.contains("permission denied") || text.contains("must be superuser or replication role") {
+            return Self::Definite {
+                problem: format!("the relay's role lacks a privilege ({text})"),
+                fix: "grant REPLICATION to the relay's role (see sql/roles.sql)".into(),
+            };
+        }
+        Self::Replication(e)
+    }
+}
