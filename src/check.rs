@@ -42,7 +42,11 @@ pub async fn check(cfg: &Config) -> bool {
         Err(SourceError::Definite { problem, fix }) => fail("postgres", problem, &fix),
         Err(e) => fail(
             "postgres",
-            format!("cannot reach Postgres at {}: {}", cfg.postgres.redacted_url(), error_chain(&e)),
+            format!(
+                "cannot reach Postgres at {}: {}",
+                cfg.postgres.redacted_url(),
+                error_chain(&e)
+            ),
             "check postgres.url, that Postgres is running and that pg_hba.conf admits the relay",
         ),
     }
@@ -101,10 +105,7 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
     let (schema, name) = cfg.source.table_parts();
     let qualified = format!("{schema}.{name}");
     let row = client
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&qualified],
-        )
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
         .await
         .map_err(|source| SourceError::Postgres {
             context: "looking up the outbox table",
@@ -143,7 +144,10 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             source,
         })?;
     match (publication, cfg.source.create) {
-        (Some(_), _) => lines.push(format!("postgres: publication {} exists", cfg.source.publication)),
+        (Some(_), _) => lines.push(format!(
+            "postgres: publication {} exists",
+            cfg.source.publication
+        )),
         (None, true) => lines.push(format!(
             "postgres: publication {} missing; run will create it (source.create = true)",
             cfg.source.publication
@@ -224,7 +228,10 @@ pub async fn status(cfg: &Config) -> Result<(), RunError> {
             source,
         })?;
     let Some(row) = row else {
-        println!("slot {}: does not exist (run `outbox-relay init`)", cfg.source.slot);
+        println!(
+            "slot {}: does not exist (run `outbox-relay init`)",
+            cfg.source.slot
+        );
         return Ok(());
     };
     let report = serde_json::json!({
@@ -236,6 +243,9 @@ pub async fn status(cfg: &Config) -> Result<(), RunError> {
         "retained_wal_bytes": row.get::<_, Option<i64>>(4),
         "wal_status": row.get::<_, Option<String>>(5),
     });
-    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
     Ok(())
 }

@@ -186,7 +186,11 @@ mod tests {
         assert_eq!(c.take_confirmable(), None, "a has one more record");
         assert_eq!(c.inflight(), 1);
         c.ack(a);
-        assert_eq!(c.take_confirmable(), Some(30), "a, b and the empty d are done");
+        assert_eq!(
+            c.take_confirmable(),
+            Some(30),
+            "a, b and the empty d are done"
+        );
         assert_eq!(c.inflight(), 0);
         assert!(c.is_idle());
     }

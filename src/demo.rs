@@ -139,7 +139,11 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         let (records, distinct, in_order) = read;
         println!(
             "read back: {records} records, {distinct} distinct ids, per-order sequence {}",
-            if in_order { "in commit order" } else { "OUT OF ORDER" }
+            if in_order {
+                "in commit order"
+            } else {
+                "OUT OF ORDER"
+            }
         );
         drop(mock);
         if published < n || distinct < n || !in_order {
@@ -163,7 +167,12 @@ fn published(metrics: &Metrics) -> u64 {
 fn latency_quantile(metrics: &Metrics, q: f64) -> Option<f64> {
     use prometheus::core::Collector;
     let families = metrics.end_to_end_latency.collect();
-    let histogram = families.first()?.get_metric().first()?.get_histogram().clone();
+    let histogram = families
+        .first()?
+        .get_metric()
+        .first()?
+        .get_histogram()
+        .clone();
     let total = histogram.get_sample_count();
     if total == 0 {
         return None;
@@ -250,12 +259,10 @@ fn read_back(brokers: &str, expected: u64) -> (u64, u64, bool) {
             continue;
         };
         records += 1;
-        if let Some(id) = rdkafka::message::Headers::iter(
-            &match message.headers() {
-                Some(h) => h.detach(),
-                None => continue,
-            },
-        )
+        if let Some(id) = rdkafka::message::Headers::iter(&match message.headers() {
+            Some(h) => h.detach(),
+            None => continue,
+        })
         .find(|h| h.key == "id")
         .and_then(|h| h.value.map(<[u8]>::to_vec))
         {

@@ -62,7 +62,10 @@ async fn status(State(app): State<AppState>) -> impl IntoResponse {
 
 async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         app.metrics.encode(),
     )
 }

@@ -8,7 +8,11 @@ use outbox_relay::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "outbox-relay", version, about = "Relays a Postgres transactional outbox to Kafka, at least once, in order per aggregate.")]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Relays a Postgres transactional outbox to Kafka, at least once, in order per aggregate."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

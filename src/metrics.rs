@@ -32,8 +32,7 @@ pub const LABEL_OPERATION: &str = "operation";
 
 /// Commit-to-ack buckets, in seconds: fine around the 25 ms target, wide enough for outages.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// The relay's metrics, registered in their own registry.
@@ -60,12 +59,16 @@ impl Metrics {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, label: &str| {
             let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let events_published = counter_vec(
@@ -108,7 +111,10 @@ impl Metrics {
             .register(Box::new(source_reconnects.clone()))
             .expect("unique metric");
         let build_info = IntGaugeVec::new(
-            Opts::new(BUILD_INFO, "Always 1; the version label says which build runs."),
+            Opts::new(
+                BUILD_INFO,
+                "Always 1; the version label says which build runs.",
+            ),
             &[LABEL_VERSION],
         )
         .expect("valid metric");

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, SourceMode};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::sink::kafka;
@@ -136,13 +136,22 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
         }
         first = false;
         let started = std::time::Instant::now();
-        let result = logical::run_session(session, shutdown).await;
+        let result = match session.config.source.mode {
+            SourceMode::Logical => logical::run_session(session, shutdown).await,
+            SourceMode::Polling => Err(SourceError::Definite {
+                problem: "source.mode = \"polling\" is not available in this version".into(),
+                fix: "use source.mode = \"logical\" (needs wal_level = logical and the REPLICATION attribute)".into(),
+            }),
+        };
         let wait = match result {
             Ok(()) => return Ok(()),
             Err(e) if e.is_definite() => {
+                // Stay up, not ready, saying why: the operator reads it in the log,
+                // `/status` and `/readyz`, and a restart loop would only hide it.
                 let text = e.to_string();
-                tracing::error!(error = %text, "relay stopped: needs the operator");
+                tracing::error!(error = %text, "relay halted: needs the operator");
                 session.state.set_halted(text);
+                shutdown.cancelled().await;
                 return Err(e.into());
             }
             Err(SourceError::SlotBusy { slot }) => {

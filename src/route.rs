@@ -127,18 +127,18 @@ impl Router {
         let mut segments = Vec::new();
         let mut rest = template;
         while !rest.is_empty() {
-            let (literal, placeholder, tail) = match (
-                rest.find("{aggregate_type}"),
-                rest.find("{event_type}"),
-            ) {
-                (Some(a), Some(e)) if e < a => (&rest[..e], Segment::EventType, &rest[e + 12..]),
-                (Some(a), _) => (&rest[..a], Segment::AggregateType, &rest[a + 16..]),
-                (None, Some(e)) => (&rest[..e], Segment::EventType, &rest[e + 12..]),
-                (None, None) => {
-                    segments.push(Segment::Literal(rest.to_owned()));
-                    break;
-                }
-            };
+            let (literal, placeholder, tail) =
+                match (rest.find("{aggregate_type}"), rest.find("{event_type}")) {
+                    (Some(a), Some(e)) if e < a => {
+                        (&rest[..e], Segment::EventType, &rest[e + 12..])
+                    }
+                    (Some(a), _) => (&rest[..a], Segment::AggregateType, &rest[a + 16..]),
+                    (None, Some(e)) => (&rest[..e], Segment::EventType, &rest[e + 12..]),
+                    (None, None) => {
+                        segments.push(Segment::Literal(rest.to_owned()));
+                        break;
+                    }
+                };
             if !literal.is_empty() {
                 segments.push(Segment::Literal(literal.to_owned()));
             }
@@ -247,7 +247,10 @@ impl Router {
         if reason == DeadLetterReason::MessageTooLarge || size > self.max_message_bytes {
             value = None;
         }
-        headers.push((Cow::Borrowed("dlq_reason"), reason.as_str().as_bytes().into()));
+        headers.push((
+            Cow::Borrowed("dlq_reason"),
+            reason.as_str().as_bytes().into(),
+        ));
         headers.push((Cow::Borrowed("dlq_error"), Cow::Owned(error.into_bytes())));
         headers.push((
             Cow::Borrowed("dlq_topic"),
@@ -331,10 +334,7 @@ impl Router {
     }
 }
 
-fn non_empty<'a>(
-    value: Option<&'a str>,
-    field: &str,
-) -> Result<&'a str, (String, Option<String>)> {
+fn non_empty<'a>(value: Option<&'a str>, field: &str) -> Result<&'a str, (String, Option<String>)> {
     match value {
         Some(v) if !v.is_empty() => Ok(v),
         Some(_) => Err((format!("{field} is empty"), None)),
@@ -458,7 +458,11 @@ mod tests {
     use super::*;
 
     fn router() -> Router {
-        Router::new("outbox.event.{aggregate_type}", "outbox.dead-letter", 1_000_000)
+        Router::new(
+            "outbox.event.{aggregate_type}",
+            "outbox.dead-letter",
+            1_000_000,
+        )
     }
 
     fn event() -> OutboxEvent<'static> {
@@ -468,7 +472,9 @@ mod tests {
             aggregate_id: Some("order-42"),
             event_type: Some("OrderPlaced"),
             payload: Some(Cow::Borrowed(br#"{"total": 10}"#)),
-            headers: Some(Cow::Borrowed(r#"{"traceparent": "00-abc-01", "n": 3, "o": {"a": [1]}}"#)),
+            headers: Some(Cow::Borrowed(
+                r#"{"traceparent": "00-abc-01", "n": 3, "o": {"a": [1]}}"#,
+            )),
             timestamp_ms: Some(1_700_000_000_123),
             pg_lsn: Some("0/16B3748"),
         }
@@ -567,7 +573,10 @@ mod tests {
             e.headers = Some(Cow::Borrowed(bad));
             let (r, reason) = dead(router().route(e));
             assert_eq!(reason, DeadLetterReason::InvalidHeaders, "{bad}");
-            assert_eq!(r.header("id"), Some(&b"6f1c2a0e-0000-4000-8000-000000000001"[..]));
+            assert_eq!(
+                r.header("id"),
+                Some(&b"6f1c2a0e-0000-4000-8000-000000000001"[..])
+            );
         }
     }
 

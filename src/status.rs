@@ -90,7 +90,11 @@ impl RelayState {
     pub fn report(&self) -> StatusReport {
         let inner = self.inner().clone();
         StatusReport {
-            role: if self.is_leader() { "leader" } else { "standby" },
+            role: if self.is_leader() {
+                "leader"
+            } else {
+                "standby"
+            },
             ready: self.is_ready(),
             postgres_reachable: self.postgres_ok.load(Ordering::Relaxed),
             kafka_reachable: self.kafka_ok.load(Ordering::Relaxed),

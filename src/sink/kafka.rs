@@ -137,7 +137,10 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
                         .end_to_end_latency
                         .observe(at.elapsed().as_secs_f64());
                 }
-                match kind.checked_sub(1).and_then(|k| DeadLetterReason::ALL.get(k)) {
+                match kind
+                    .checked_sub(1)
+                    .and_then(|k| DeadLetterReason::ALL.get(k))
+                {
                     Some(reason) => metrics
                         .events_dead_lettered
                         .with_label_values(&[reason.as_str()])
@@ -188,10 +191,9 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
                                 .fail("pipeline gone while a record was refused".into());
                         }
                     }
-                    _ => self.shared.fail(format!(
-                        "delivery to {} failed: {error}",
-                        message.topic()
-                    )),
+                    _ => self
+                        .shared
+                        .fail(format!("delivery to {} failed: {error}", message.topic())),
                 }
             }
         }
@@ -200,9 +202,8 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
 
 fn error_kind(code: Option<RDKafkaErrorCode>) -> &'static str {
     match code {
-        Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize) => {
-            "message_too_large"
-        }
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+        | Some(RDKafkaErrorCode::InvalidMessageSize) => "message_too_large",
         Some(RDKafkaErrorCode::InvalidTopic) => "invalid_topic",
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
             "unknown_topic"

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
 use super::{Session, SourceError};
-use crate::config::Config;
-use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
+use crate::config::{Config, OnInvalid};
+use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Routed, Router};
 use crate::sink::kafka::{KafkaSink, Shared};
 
 /// How often the session publishes confirmable positions and gauges.
@@ -85,11 +85,13 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
     let (host, port) = match (pg.get_hosts().first(), pg.get_ports().first()) {
         (Some(tokio_postgres::config::Host::Tcp(h)), port) => (h.clone(), *port.unwrap_or(&5432)),
         #[cfg(unix)]
-        (Some(tokio_postgres::config::Host::Unix(path)), port) => (
-            path.to_string_lossy().into_owned(),
-            *port.unwrap_or(&5432),
+        (Some(tokio_postgres::config::Host::Unix(path)), port) => {
+            (path.to_string_lossy().into_owned(), *port.unwrap_or(&5432))
+        }
+        _ => (
+            "localhost".to_owned(),
+            *pg.get_ports().first().unwrap_or(&5432),
         ),
-        _ => ("localhost".to_owned(), *pg.get_ports().first().unwrap_or(&5432)),
     };
     let user = pg.get_user().unwrap_or("postgres").to_owned();
     let password = pg
@@ -175,7 +177,8 @@ fn feedback_interval(wal_sender_timeout: Duration) -> Duration {
     if half.is_zero() {
         Duration::from_secs(1)
     } else {
-        half.min(Duration::from_secs(1)).max(Duration::from_millis(10))
+        half.min(Duration::from_secs(1))
+            .max(Duration::from_millis(10))
     }
 }
 
@@ -249,7 +252,9 @@ impl Pipeline<'_> {
             .replication_lag_bytes
             .set(wal_end.saturating_sub(self.confirmed) as i64);
         metrics.confirmed_lsn.set(self.confirmed as i64);
-        session.state.set_position(Lsn::from_u64(self.confirmed).to_string());
+        session
+            .state
+            .set_position(Lsn::from_u64(self.confirmed).to_string());
     }
 
     fn advance(&mut self, stream: &ReplicationClient, lsn: u64) {
@@ -311,7 +316,8 @@ impl Pipeline<'_> {
                     let now_ms = unix_ms_now();
                     let unit = shared.checkpoint().open(Some(Instant::now()));
                     let lsn_text = lsn.to_string();
-                    self.emitted(&content, unit, &lsn_text, now_ms, sink).await?;
+                    self.emitted(&content, unit, &lsn_text, now_ms, sink)
+                        .await?;
                     shared.checkpoint().seal(unit, lsn.as_u64());
                 }
             }
@@ -359,6 +365,7 @@ impl Pipeline<'_> {
                 let event = row_event(columns, &new, &tx.commit_lsn, tx.commit_ms);
                 let unit = tx.unit;
                 let routed = self.router.route(event);
+                self.halt_if_invalid(&routed)?;
                 sink.send(unit, routed).await?;
             }
             Message::Update { relation_id, .. } => self.ignored(relation_id, "update", sink),
@@ -416,6 +423,7 @@ impl Pipeline<'_> {
                 };
                 // The envelope borrows `content`; route and send before it goes.
                 let routed = self.router.route(event);
+                self.halt_if_invalid(&routed)?;
                 return Ok(sink.send(unit, routed).await?);
             }
             Err(error) => self.router.dead_letter_raw(
@@ -430,7 +438,33 @@ impl Pipeline<'_> {
                 "",
             ),
         };
+        self.halt_if_invalid(&routed)?;
         Ok(sink.send(unit, routed).await?)
+    }
+
+    /// With `on_invalid = "halt"`, an invalid event stops the relay before anything past it
+    /// is confirmed.
+    fn halt_if_invalid(&self, routed: &Routed<'_>) -> Result<(), SourceError> {
+        if self.cfg.source.on_invalid != OnInvalid::Halt {
+            return Ok(());
+        }
+        let Routed::DeadLetter { record, reason } = routed else {
+            return Ok(());
+        };
+        let text = |name| {
+            record
+                .header(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        Err(SourceError::Definite {
+            problem: format!(
+                "event {} is invalid ({reason}: {}); halted because source.on_invalid = \"halt\"",
+                text("id"),
+                text("dlq_error")
+            ),
+            fix: "correct the producer of this event, then set on_invalid = \"dead-letter\" to let it pass to the dead-letter topic".into(),
+        })
     }
 
     /// Drains in-flight records, confirms the final position and ends the stream.

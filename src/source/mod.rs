@@ -66,7 +66,9 @@ impl SourceError {
     pub(crate) fn replication(e: PgWireError, slot: &str) -> Self {
         let text = e.to_string();
         if text.contains("is active for PID") {
-            return Self::SlotBusy { slot: slot.to_owned() };
+            return Self::SlotBusy {
+                slot: slot.to_owned(),
+            };
         }
         if let PgWireError::Auth(_) = e {
             return Self::Definite {
@@ -83,10 +85,13 @@ impl SourceError {
         if text.contains("publication") && text.contains("does not exist") {
             return Self::Definite {
                 problem: format!("the publication is missing ({text})"),
-                fix: "run `outbox-relay init` or create the publication for the outbox table".into(),
+                fix: "run `outbox-relay init` or create the publication for the outbox table"
+                    .into(),
             };
         }
-        if text.contains("permission denied") || text.contains("must be superuser or replication role") {
+        if text.contains("permission denied")
+            || text.contains("must be superuser or replication role")
+        {
             return Self::Definite {
                 problem: format!("the relay's role lacks a privilege ({text})"),
                 fix: "grant REPLICATION to the relay's role (see sql/roles.sql)".into(),

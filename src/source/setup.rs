@@ -174,7 +174,9 @@ async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, S
         }
         if !cfg.source.create {
             return Err(SourceError::Definite {
-                problem: format!("replication slot {slot} does not exist and source.create is false"),
+                problem: format!(
+                    "replication slot {slot} does not exist and source.create is false"
+                ),
                 fix: "run `outbox-relay init`, or set source.create = true".into(),
             });
         }

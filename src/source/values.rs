@@ -123,7 +123,10 @@ mod tests {
             parse_timestamp_ms("2026-11-22 06:32:03.123+05:30"),
             Some(1_795_309_323_123)
         );
-        assert_eq!(parse_timestamp_ms("2000-02-29 00:00:00-01"), Some(951_786_000_000));
+        assert_eq!(
+            parse_timestamp_ms("2000-02-29 00:00:00-01"),
+            Some(951_786_000_000)
+        );
         assert_eq!(parse_timestamp_ms("infinity"), None);
         assert_eq!(parse_timestamp_ms("2026-13-01 00:00:00+00"), None);
         assert_eq!(parse_timestamp_ms("2026-11-22 01:02:03 BC"), None);
