@@ -14,7 +14,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -83,6 +83,8 @@ pub struct ThrowawayPostgres {
     port: u16,
     /// Run server binaries through `runuser -u postgres` (this process is root).
     as_postgres_user: bool,
+    /// Stops and deletes the cluster if this process dies without dropping it.
+    watchdog: Option<Child>,
 }
 
 impl fmt::Debug for ThrowawayPostgres {
@@ -113,6 +115,7 @@ impl ThrowawayPostgres {
             bin_dir,
             port: 0,
             as_postgres_user,
+            watchdog: None,
         };
         // From here on, dropping `pg` removes the directory (and stops a started server).
         pg.init()?;
@@ -129,7 +132,10 @@ impl ThrowawayPostgres {
             std::fs::write(pg.data_dir.join("postgresql.conf"), conf)?;
             let log_len_before = file_len(&pg.log_file);
             match pg.pg_ctl_start() {
-                Ok(()) => return Ok(pg),
+                Ok(()) => {
+                    pg.watchdog = pg.spawn_watchdog();
+                    return Ok(pg);
+                }
                 Err(err) => {
                     let new_log = read_from(&pg.log_file, log_len_before);
                     if !port_taken(&new_log) {
@@ -345,6 +351,41 @@ impl ThrowawayPostgres {
         cmd
     }
 
+    /// Starts a detached shell that waits for this process to exit and then stops and deletes
+    /// the cluster: a test killed by a timeout or SIGKILL never runs `Drop`, and orphaned
+    /// clusters would pile up. `Drop` kills the watchdog. Best effort: `None` if `setsid` or
+    /// `sh` is missing.
+    fn spawn_watchdog(&self) -> Option<Child> {
+        const SCRIPT: &str = r#"
+            while kill -0 "$1" 2>/dev/null; do sleep 1; done
+            if [ "$4" = runuser ]; then
+                runuser -u "$5" -- "$6" stop -m immediate -D "$2" >/dev/null 2>&1
+            else
+                "$6" stop -m immediate -D "$2" >/dev/null 2>&1
+            fi
+            rm -rf "$3"
+        "#;
+        Command::new("setsid")
+            .args(["sh", "-c", SCRIPT, "outbox-pg-watchdog"])
+            .arg(std::process::id().to_string())
+            .arg(&self.data_dir)
+            .arg(&self.root)
+            .arg(if self.as_postgres_user {
+                "runuser"
+            } else {
+                "direct"
+            })
+            .arg(POSTGRES_OS_USER)
+            .arg(self.bin_dir.join("pg_ctl"))
+            // Not in our directory: the root must stay deletable while the watchdog runs.
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+    }
+
     fn with_log_tail(&self, err: io::Error) -> io::Error {
         let log = self.server_log();
         io::Error::new(
@@ -360,6 +401,10 @@ impl ThrowawayPostgres {
 
 impl Drop for ThrowawayPostgres {
     fn drop(&mut self) {
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
         if self.data_dir.join("postmaster.pid").exists() {
             let _ = self
                 .server_command("pg_ctl")
