@@ -205,27 +205,26 @@ fn kill_nine_three_times_loses_nothing() {
     let types = ["order"];
     let mut relay = world.relay();
     let total = 20_000;
-    let chunk = total / 4;
-    let mut dup_report = Vec::new();
-    for round in 0..4 {
-        world.write(chunk, 50, 40, &types);
-        if round < 3 {
-            // Let it get some way into the backlog, then kill it mid-flight.
-            let published_before = round * chunk;
-            let _ = consume_n(
-                &world,
-                &topics(&types),
-                published_before + chunk / 3,
-                Duration::from_secs(60),
-            );
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| world.write(total, 50, 40, &types));
+        for kill in 1..=3 {
+            // Kill it while the writer is a quarter further along each time.
+            wait_until(Duration::from_secs(120), "the writer progresses", || {
+                let rows: usize = world
+                    .psql("SELECT count(*) FROM outbox.events")
+                    .trim()
+                    .parse()
+                    .unwrap();
+                rows >= kill * total / 4
+            });
             relay.kill9();
             relay = world.relay();
         }
-    }
+        writer.join().expect("writer finishes");
+    });
     let records = consume_n(&world, &topics(&types), total, Duration::from_secs(180));
     let (distinct, duplicates) = check_records(&records);
-    dup_report.push(duplicates);
-    println!("kill -9 x3: {distinct} distinct of {total}, {duplicates} duplicates");
+    println!("kill -9 x3 while writing: {distinct} distinct of {total}, {duplicates} duplicates");
     assert_eq!(distinct, total, "zero lost; relay log:\n{}", relay.log());
 }
 
