@@ -110,6 +110,12 @@ impl<P: Copy + Ord> Checkpoint<P> {
         self.inflight
     }
 
+    /// When the oldest unit still waiting was committed: the age of the oldest event not yet
+    /// confirmable.
+    pub fn oldest_committed_at(&self) -> Option<Instant> {
+        self.units.front().and_then(|u| u.committed_at)
+    }
+
     /// True when no unit is open or waiting for acks: everything read has been confirmed
     /// or is confirmable.
     pub fn is_idle(&self) -> bool {
@@ -219,7 +225,10 @@ mod tests {
         let t = Instant::now();
         let a = c.open(Some(t));
         c.add(a);
+        assert_eq!(c.oldest_committed_at(), Some(t));
         assert_eq!(c.ack(a), Some(t));
+        c.seal(a, 1);
+        assert_eq!(c.oldest_committed_at(), None);
     }
 
     proptest! {

@@ -23,12 +23,21 @@ pub const SOURCE_RECONNECTS_TOTAL: &str = "outbox_relay_source_reconnects_total"
 pub const BUILD_INFO: &str = "outbox_relay_build_info";
 pub const IGNORED_CHANGES_TOTAL: &str = "outbox_relay_ignored_changes_total";
 pub const CONFIRMED_LSN: &str = "outbox_relay_confirmed_lsn";
+pub const REPLICATION_LAG_SECONDS: &str = "outbox_relay_replication_lag_seconds";
+pub const SLOT_WAL_STATUS: &str = "outbox_relay_slot_wal_status";
+pub const PRODUCER_QUEUE_DEPTH: &str = "outbox_relay_producer_queue_depth";
+pub const HALTED: &str = "outbox_relay_halted";
 
 pub const LABEL_TOPIC: &str = "topic";
 pub const LABEL_REASON: &str = "reason";
 pub const LABEL_KIND: &str = "kind";
 pub const LABEL_VERSION: &str = "version";
 pub const LABEL_OPERATION: &str = "operation";
+pub const LABEL_STATUS: &str = "status";
+
+/// The values of `pg_replication_slots.wal_status`, each a series of
+/// `outbox_relay_slot_wal_status` (1 for the current one).
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 /// Commit-to-ack buckets, in seconds: fine around the 25 ms target, wide enough for outages.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -52,6 +61,10 @@ pub struct Metrics {
     pub source_reconnects: IntCounter,
     pub ignored_changes: IntCounterVec,
     pub confirmed_lsn: IntGauge,
+    pub replication_lag_seconds: IntGauge,
+    pub slot_wal_status: IntGaugeVec,
+    pub producer_queue_depth: IntGauge,
+    pub halted: IntGauge,
 }
 
 impl Metrics {
@@ -128,6 +141,20 @@ impl Metrics {
         for reason in crate::route::DeadLetterReason::ALL {
             events_dead_lettered.with_label_values(&[reason.as_str()]);
         }
+        let slot_wal_status = IntGaugeVec::new(
+            Opts::new(
+                SLOT_WAL_STATUS,
+                "The slot's wal_status: 1 for the current value (reserved, extended, unreserved, lost).",
+            ),
+            &[LABEL_STATUS],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(slot_wal_status.clone()))
+            .expect("unique metric");
+        for status in WAL_STATUSES {
+            slot_wal_status.with_label_values(&[status]);
+        }
         for op in ["update", "delete", "truncate"] {
             ignored_changes.with_label_values(&[op]);
         }
@@ -161,7 +188,29 @@ impl Metrics {
                 CONFIRMED_LSN,
                 "The source position last confirmed (an LSN as a number in logical mode).",
             ),
+            replication_lag_seconds: gauge(
+                REPLICATION_LAG_SECONDS,
+                "Seconds since the oldest committed event not yet confirmed was committed (0 when caught up).",
+            ),
+            slot_wal_status,
+            producer_queue_depth: gauge(
+                PRODUCER_QUEUE_DEPTH,
+                "Records and requests waiting in the Kafka producer's local queue.",
+            ),
+            halted: gauge(
+                HALTED,
+                "1 when the relay stopped advancing and needs the operator (see /status).",
+            ),
             registry,
+        }
+    }
+
+    /// Marks `status` as the slot's current `wal_status`.
+    pub fn set_wal_status(&self, status: &str) {
+        for known in WAL_STATUSES {
+            self.slot_wal_status
+                .with_label_values(&[known])
+                .set(i64::from(known == status));
         }
     }
 
@@ -204,6 +253,10 @@ mod tests {
             IS_LEADER,
             SOURCE_RECONNECTS_TOTAL,
             BUILD_INFO,
+            REPLICATION_LAG_SECONDS,
+            SLOT_WAL_STATUS,
+            PRODUCER_QUEUE_DEPTH,
+            HALTED,
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

@@ -151,6 +151,7 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
                 let text = e.to_string();
                 tracing::error!(error = %text, "relay halted: needs the operator");
                 session.state.set_halted(text);
+                session.metrics.halted.set(1);
                 shutdown.cancelled().await;
                 return Err(e.into());
             }
@@ -210,16 +211,25 @@ async fn monitor(
                 let row = conn
                     .query_opt(
                         "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, \
-                                (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+                                (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status \
                          FROM pg_replication_slots WHERE slot_name = $1",
                         &[&slot],
                     )
                     .await;
                 match row {
                     Ok(row) => {
-                        let (retained, lag) = row
-                            .map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1)))
-                            .unwrap_or((None, None));
+                        let (retained, lag, wal_status) = row
+                            .map(|r| {
+                                (
+                                    r.get::<_, Option<i64>>(0),
+                                    r.get::<_, Option<i64>>(1),
+                                    r.get::<_, Option<String>>(2),
+                                )
+                            })
+                            .unwrap_or((None, None, None));
+                        if let Some(status) = wal_status {
+                            metrics.set_wal_status(&status);
+                        }
                         if let Some(bytes) = retained {
                             metrics.slot_retained_wal_bytes.set(bytes);
                         }

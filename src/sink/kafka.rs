@@ -38,6 +38,10 @@ const DEFAULT_QUEUE_MESSAGES: &str = "100000";
 /// How long topic creation may take before the session is retried.
 const TOPIC_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The byte bound on the same queue (librdkafka's default is 1 GiB): large payloads must not
+/// push the relay past its memory budget.
+const DEFAULT_QUEUE_KBYTES: &str = "65536";
+
 /// How long `send` sleeps when librdkafka's queue is full before trying again.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(1);
 
@@ -240,7 +244,8 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         // data loss, and a failed record would only be resent after a restart.
         .set("message.timeout.ms", "0")
         .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES);
+        .set("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES)
+        .set("queue.buffering.max.kbytes", DEFAULT_QUEUE_KBYTES);
     for (key, value) in &cfg.properties {
         config.set(key, value);
     }
@@ -434,6 +439,11 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Records and requests in librdkafka's local queue.
+    pub fn queue_depth(&self) -> i32 {
+        self.producer.in_flight_count()
     }
 
     /// Drops whatever librdkafka still holds; used when a session ends on a fault.

@@ -220,7 +220,7 @@ impl Pipeline<'_> {
                 }
                 // 3. Confirm what Kafka has acknowledged; surface delivery failures.
                 _ = tick.tick() => {
-                    self.confirm(stream, shared, session);
+                    self.confirm(stream, sink, shared, session);
                     if let Some(failure) = shared.failure() {
                         return Err(SourceError::Sink(crate::sink::kafka::SinkError::Delivery(failure)));
                     }
@@ -237,20 +237,30 @@ impl Pipeline<'_> {
     }
 
     /// Publishes the newest confirmable position to the server and refreshes gauges.
-    fn confirm(&mut self, stream: &ReplicationClient, shared: &Shared<u64>, session: &Session) {
-        let (confirmable, inflight) = {
+    fn confirm(
+        &mut self,
+        stream: &ReplicationClient,
+        sink: &KafkaSink<u64>,
+        shared: &Shared<u64>,
+        session: &Session,
+    ) {
+        let (confirmable, inflight, oldest) = {
             let mut checkpoint = shared.checkpoint();
-            (checkpoint.take_confirmable(), checkpoint.inflight())
+            (
+                checkpoint.take_confirmable(),
+                checkpoint.inflight(),
+                checkpoint.oldest_committed_at(),
+            )
         };
         if let Some(lsn) = confirmable {
             self.advance(stream, lsn);
         }
         let metrics = &session.metrics;
         metrics.inflight_events.set(inflight as i64);
-        let wal_end = self.stream_metrics.last_wal_end().as_u64();
-        metrics
-            .replication_lag_bytes
-            .set(wal_end.saturating_sub(self.confirmed) as i64);
+        let age = oldest.map_or(0, |at| at.elapsed().as_secs() as i64);
+        metrics.oldest_pending_event_age.set(age);
+        metrics.replication_lag_seconds.set(age);
+        metrics.producer_queue_depth.set(sink.queue_depth() as i64);
         metrics.confirmed_lsn.set(self.confirmed as i64);
         session
             .state
