@@ -23,6 +23,7 @@ struct Inner {
     last_error: Option<String>,
     slot_retained_wal_bytes: Option<i64>,
     replication_lag_bytes: Option<i64>,
+    missing_topic: Option<String>,
 }
 
 /// The `/status` document.
@@ -36,6 +37,8 @@ pub struct StatusReport {
     pub replication_lag_bytes: Option<i64>,
     pub slot_retained_wal_bytes: Option<i64>,
     pub last_error: Option<String>,
+    /// A Kafka topic the relay waits for (missing and not created), with the reason.
+    pub waiting_for_topic: Option<String>,
     pub version: &'static str,
 }
 
@@ -80,11 +83,17 @@ impl RelayState {
         inner.replication_lag_bytes = lag;
     }
 
-    /// Ready: can reach Postgres and Kafka and is not halted. A healthy standby is ready.
+    pub fn set_missing_topic(&self, problem: Option<String>) {
+        self.inner().missing_topic = problem;
+    }
+
+    /// Ready: can reach Postgres and Kafka, is not halted and waits for no topic. A healthy
+    /// standby is ready.
     pub fn is_ready(&self) -> bool {
         self.postgres_ok.load(Ordering::Relaxed)
             && self.kafka_ok.load(Ordering::Relaxed)
             && !self.halted.load(Ordering::Relaxed)
+            && self.inner().missing_topic.is_none()
     }
 
     pub fn report(&self) -> StatusReport {
@@ -102,6 +111,7 @@ impl RelayState {
             replication_lag_bytes: inner.replication_lag_bytes,
             slot_retained_wal_bytes: inner.slot_retained_wal_bytes,
             last_error: inner.last_error,
+            waiting_for_topic: inner.missing_topic,
             version: env!("CARGO_PKG_VERSION"),
         }
     }

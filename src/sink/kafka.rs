@@ -27,6 +27,8 @@ use crate::checkpoint::{Checkpoint, UnitId};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 use crate::route::{DeadLetterReason, Routed, Router};
+use crate::status::RelayState;
+use tokio_util::sync::CancellationToken;
 
 /// librdkafka's default `message.max.bytes`, used when the config does not set it.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
@@ -41,6 +43,11 @@ const TOPIC_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The byte bound on the same queue (librdkafka's default is 1 GiB): large payloads must not
 /// push the relay past its memory budget.
 const DEFAULT_QUEUE_KBYTES: &str = "65536";
+
+/// Upper bound between checks for a missing topic.
+const MISSING_TOPIC_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often the log repeats that a topic is missing.
+const MISSING_TOPIC_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How long `send` sleeps when librdkafka's queue is full before trying again.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(1);
@@ -59,6 +66,8 @@ pub enum SinkError {
     CreateTopic { topic: String, reason: String },
     #[error("delivery to Kafka failed: {0}")]
     Delivery(String),
+    #[error("stopped while waiting for topic {0}")]
+    Stopped(String),
 }
 
 /// A record Kafka refused for its own content: the pipeline dead-letters it in its unit.
@@ -228,6 +237,8 @@ pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
     refused: mpsc::UnboundedReceiver<Refused>,
     refused_tx: mpsc::UnboundedSender<Refused>,
     shared: Arc<Shared<P>>,
+    state: Arc<RelayState>,
+    shutdown: CancellationToken,
 }
 
 /// The librdkafka settings for the producer: our defaults, then `[kafka.properties]`
@@ -261,7 +272,13 @@ pub fn max_message_bytes(cfg: &KafkaConfig) -> usize {
 }
 
 impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
-    pub fn new(cfg: &KafkaConfig, shared: Arc<Shared<P>>) -> Result<Self, SinkError> {
+    /// `state` hears about topics the sink waits for; `shutdown` ends such a wait.
+    pub fn new(
+        cfg: &KafkaConfig,
+        shared: Arc<Shared<P>>,
+        state: Arc<RelayState>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let client = client_config(cfg);
         let producer = client
@@ -280,6 +297,8 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             refused: rx,
             refused_tx: tx,
             shared,
+            state,
+            shutdown,
         })
     }
 
@@ -385,13 +404,44 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         Ok(())
     }
 
-    /// Makes sure `topic` exists before the first record for it (the broker may not create
-    /// topics on produce).
+    /// Makes sure `topic` exists before the first record for it: the broker may not create
+    /// topics on produce. A topic that is missing (and may not or cannot be created) is not
+    /// the event's fault: the stream waits here, in order, and says which topic it needs.
     async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
-        if !self.create_topics || self.known_topics.contains(topic) {
+        if self.known_topics.contains(topic) {
             return Ok(());
         }
-        tracing::debug!(topic, "creating topic");
+        let mut wait = Duration::from_millis(500);
+        let mut logged_at: Option<Instant> = None;
+        loop {
+            let problem = if self.create_topics {
+                self.create_topic(topic).await.err()
+            } else {
+                self.topic_exists(topic).await.err()
+            };
+            let Some(problem) = problem else {
+                break;
+            };
+            let message = format!("waiting for Kafka topic {topic}: {problem}");
+            if logged_at.is_none_or(|at| at.elapsed() > MISSING_TOPIC_LOG_EVERY) {
+                tracing::warn!(topic, problem = %problem, "waiting for a Kafka topic; events for it are held in order");
+                logged_at = Some(Instant::now());
+            }
+            self.state.set_missing_topic(Some(message));
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(SinkError::Stopped(topic.to_owned())),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(MISSING_TOPIC_RETRY_MAX);
+        }
+        self.state.set_missing_topic(None);
+        tracing::info!(topic, "topic ready");
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Creates `topic`; "already exists" is success.
+    async fn create_topic(&self, topic: &str) -> Result<(), String> {
         let new = NewTopic::new(topic, self.partitions, TopicReplication::Fixed(-1));
         let options = AdminOptions::new()
             .operation_timeout(Some(TOPIC_CREATE_TIMEOUT))
@@ -399,28 +449,33 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         let creating = self.admin.create_topics([&new], &options);
         let results = tokio::time::timeout(TOPIC_CREATE_TIMEOUT + Duration::from_secs(5), creating)
             .await
-            .map_err(|_| SinkError::CreateTopic {
-                topic: topic.to_owned(),
-                reason: "the broker did not answer".into(),
-            })?
-            .map_err(|e| SinkError::CreateTopic {
-                topic: topic.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|_| "the broker did not answer the create request".to_owned())?
+            .map_err(|e| format!("cannot create it: {e}"))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(SinkError::CreateTopic {
-                        topic: name,
-                        reason: code.to_string(),
-                    })
-                }
+                Err((_, code)) => return Err(format!("creating it was refused: {code}")),
             }
         }
-        tracing::info!(topic, "topic ready");
-        self.known_topics.insert(topic.to_owned());
         Ok(())
+    }
+
+    /// Whether the broker knows `topic` (with `create_topics = false`).
+    async fn topic_exists(&self, topic: &str) -> Result<(), String> {
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&name), Duration::from_secs(10))
+                .map_err(|e| format!("cannot read metadata: {e}"))?;
+            match metadata.topics().iter().find(|t| t.name() == name) {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                _ => Err("it does not exist and kafka.create_topics is false".to_owned()),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Waits until every produced record is acknowledged or `deadline` passes; true when

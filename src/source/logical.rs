@@ -149,7 +149,12 @@ pub async fn run_session(
     );
 
     let shared: Arc<Shared<u64>> = Shared::new(session.metrics.clone());
-    let mut sink = KafkaSink::new(&cfg.kafka, Arc::clone(&shared))?;
+    let mut sink = KafkaSink::new(
+        &cfg.kafka,
+        Arc::clone(&shared),
+        Arc::clone(&session.state),
+        shutdown.clone(),
+    )?;
     let mut pipeline = Pipeline {
         cfg,
         router: session.router.clone(),

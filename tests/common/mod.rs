@@ -29,7 +29,14 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+#[allow(unused_imports)]
 pub use outbox_relay::throwaway::{free_port, PostgresOptions, ThrowawayPostgres};
+
+mod proxy;
+mod world;
+pub use proxy::Proxy;
+#[allow(unused_imports)]
+pub use world::{check_records, consume_n, topics, World};
 
 /// How long a child process may take to become ready.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -157,7 +164,7 @@ impl Tansu {
         let mut last_failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port().expect("free port");
-            let mut child = spawn_tansu(&bin, port, &log_path);
+            let mut child = spawn_tansu(&bin, port, port, &log_path);
             match wait_tansu_ready(&mut child, port, &log_path) {
                 Ok(()) => {
                     return Tansu {
@@ -178,6 +185,33 @@ impl Tansu {
             }
         }
         panic!("tansu did not start: {last_failure}");
+    }
+
+    /// Starts a broker reachable only through a [`Proxy`] (it advertises the proxy's port),
+    /// so a test can cut the network between clients and the broker.
+    pub fn start_behind_proxy() -> (Tansu, Proxy) {
+        let bin = tansu_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("tansu-")
+            .tempdir()
+            .expect("tempdir");
+        let log_path = dir.path().join("tansu.log");
+        let (listener, proxy_port) = Proxy::bind();
+        let port = free_port().expect("free port");
+        let proxy = Proxy::forward(listener, port);
+        let mut child = spawn_tansu(&bin, port, proxy_port, &log_path);
+        if let Err(why) = wait_tansu_ready(&mut child, proxy_port, &log_path) {
+            let _ = child.kill();
+            panic!("{}", why.message);
+        }
+        let tansu = Tansu {
+            child,
+            port: proxy_port,
+            dir,
+            log_path,
+            bin,
+        };
+        (tansu, proxy)
     }
 
     /// `bootstrap.servers` for clients and for the relay.
@@ -219,7 +253,7 @@ impl Tansu {
     /// and records are gone afterwards.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn_tansu(&self.bin, self.port, &self.log_path);
+        self.child = spawn_tansu(&self.bin, self.port, self.port, &self.log_path);
         if let Err(why) = wait_tansu_ready(&mut self.child, self.port, &self.log_path) {
             panic!(
                 "tansu did not restart on port {}: {}",
@@ -317,13 +351,14 @@ impl Drop for Tansu {
     }
 }
 
-fn spawn_tansu(bin: &Path, port: u16, log_path: &Path) -> Child {
+fn spawn_tansu(bin: &Path, port: u16, advertised: u16, log_path: &Path) -> Child {
     let url = format!("tcp://127.0.0.1:{port}");
+    let advertised = format!("tcp://127.0.0.1:{advertised}");
     let (out, err) = log_stdio(log_path);
     Command::new(bin)
         .arg("broker")
         .args(["--listener-url", &url])
-        .args(["--advertised-listener-url", &url])
+        .args(["--advertised-listener-url", &advertised])
         .args(["--storage-engine", "memory://tansu/"])
         .env(
             "RUST_LOG",

@@ -1,0 +1,389 @@
+//! When things go wrong: bad rows, Kafka outages, missing topics, a second relay, a vanished
+//! slot, secrets. Real Postgres, the relay binary, and tansu (behind a cuttable proxy where the
+//! network matters).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The relay's `/status`, or null while it does not answer yet.
+fn status(port: u16) -> serde_json::Value {
+    match http_get(port, "/status") {
+        Ok((200, body)) => serde_json::from_str(&body).expect("status is JSON"),
+        _ => serde_json::Value::Null,
+    }
+}
+
+fn ready(port: u16) -> bool {
+    matches!(http_get(port, "/readyz"), Ok((200, _)))
+}
+
+fn metric(port: u16, line_prefix: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn each_bad_input_is_dead_lettered_and_the_stream_goes_on() {
+    let world = World::new();
+    let (relay, port) = world.relay_with(&[
+        // A small limit makes "too large" cheap to produce.
+        ("OUTBOX_RELAY_KAFKA_PROPERTIES_MESSAGE_MAX_BYTES", "20000"),
+    ]);
+    world.wait_streaming();
+    world.psql("SELECT outbox.publish('bad type!', 'a-1', 'E', '{\"n\": 1}')");
+    world.psql(
+        "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('order', 'a-2', 'E', jsonb_build_object('big', repeat('x', 50000)))",
+    );
+    world.psql("SELECT outbox.publish('order', 'a-3', 'E', '{\"n\": 3}', '[1, 2]')");
+    world.psql("SELECT outbox.publish('order', '', 'E', '{\"n\": 4}')");
+    world.psql("SELECT pg_logical_emit_message(true, 'outbox', 'this is not json')");
+    world.psql("SELECT outbox.publish('order', 'a-ok', 'E', '{\"n\": 6}')");
+
+    let dead = consume(
+        &world.kafka.brokers(),
+        &["outbox.dead-letter"],
+        |r| r.len() >= 5,
+        Duration::from_secs(60),
+    );
+    let good = consume(
+        &world.kafka.brokers(),
+        &["outbox.event.order"],
+        |r| !r.is_empty(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(dead.len(), 5, "five dead letters; log:\n{}", relay.log());
+    let reasons: Vec<(Option<String>, String, String)> = dead
+        .iter()
+        .map(|r| {
+            (
+                r.key_str(),
+                r.header("dlq_reason").expect("dlq_reason"),
+                r.header("dlq_topic").expect("dlq_topic"),
+            )
+        })
+        .collect();
+    let find = |key: Option<&str>| {
+        dead.iter()
+            .find(|r| r.key_str().as_deref() == key)
+            .unwrap_or_else(|| panic!("dead letter for {key:?} in {reasons:?}"))
+    };
+    let r = find(Some("a-1"));
+    assert_eq!(r.header("dlq_reason").as_deref(), Some("invalid_topic"));
+    assert_eq!(
+        r.header("dlq_topic").as_deref(),
+        Some("outbox.event.bad type!")
+    );
+    assert!(r.header("dlq_error").is_some_and(|e| !e.is_empty()));
+    assert!(r.header("id").is_some(), "original headers kept");
+    assert_eq!(r.value_str().as_deref(), Some("{\"n\": 1}"), "value kept");
+
+    let r = find(Some("a-2"));
+    assert_eq!(r.header("dlq_reason").as_deref(), Some("message_too_large"));
+    assert_eq!(r.value, None, "value omitted");
+    assert_eq!(r.header("dlq_topic").as_deref(), Some("outbox.event.order"));
+
+    let r = find(Some("a-3"));
+    assert_eq!(r.header("dlq_reason").as_deref(), Some("invalid_headers"));
+
+    let r = find(Some(""));
+    assert_eq!(r.header("dlq_reason").as_deref(), Some("invalid_topic"));
+
+    let r = find(None);
+    assert_eq!(r.header("dlq_reason").as_deref(), Some("invalid_message"));
+    assert_eq!(r.value_str().as_deref(), Some("this is not json"));
+
+    assert_eq!(good.len(), 1);
+    assert_eq!(good[0].key_str().as_deref(), Some("a-ok"));
+    wait_until(Duration::from_secs(10), "dead-letter metrics", || {
+        [
+            ("invalid_topic", 2.0),
+            ("message_too_large", 1.0),
+            ("invalid_headers", 1.0),
+            ("invalid_message", 1.0),
+        ]
+        .iter()
+        .all(|(reason, n)| {
+            metric(
+                port,
+                &format!("outbox_relay_events_dead_lettered_total{{reason=\"{reason}\"}}"),
+            ) == Some(*n)
+        })
+    });
+}
+
+#[test]
+fn halt_mode_stops_advancing_and_says_why() {
+    let world = World::new();
+    let (relay, port) = world.relay_with(&[("OUTBOX_RELAY_SOURCE_ON_INVALID", "halt")]);
+    world.wait_streaming();
+    world.psql("SELECT outbox.publish('order', 'h-1', 'E', '{\"n\": 1}')");
+    let bad =
+        world.psql("SELECT outbox.publish('order', 'h-2', 'E', '{\"n\": 2}', '\"not an object\"')");
+    world.psql("SELECT outbox.publish('order', 'h-3', 'E', '{\"n\": 3}')");
+    wait_until(
+        Duration::from_secs(30),
+        "the relay halts and is not ready",
+        || {
+            !ready(port)
+                && status(port)["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("halt"))
+        },
+    );
+    let error = status(port)["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains(bad.trim()), "names the event: {error}");
+    assert!(
+        error.contains("invalid_headers"),
+        "names the reason: {error}"
+    );
+    assert!(
+        relay.log().contains("halted"),
+        "log says so:\n{}",
+        relay.log()
+    );
+    assert_eq!(metric(port, "outbox_relay_halted"), Some(1.0));
+    // Nothing at or after the bad event is published; the one before it is.
+    let records = consume(
+        &world.kafka.brokers(),
+        &["outbox.event.order", "outbox.dead-letter"],
+        |r| r.len() > 1,
+        Duration::from_secs(3),
+    );
+    let keys: Vec<_> = records.iter().filter_map(|r| r.key_str()).collect();
+    assert_eq!(keys, ["h-1"]);
+}
+
+#[test]
+fn kafka_outage_loses_nothing_and_reports_not_ready() {
+    let world = World::behind_proxy();
+    let proxy = world.proxy.as_ref().unwrap();
+    let (relay, port) = world.relay_with(&[]);
+    world.wait_streaming();
+    world.write(3_000, 100, 20, &["order"]);
+    let _ = consume_n(&world, &topics(&["order"]), 3_000, Duration::from_secs(60));
+    wait_until(Duration::from_secs(20), "ready before the cut", || {
+        ready(port)
+    });
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    world.write(3_000, 100, 20, &["order"]);
+    wait_until(
+        Duration::from_secs(20),
+        "not ready while Kafka is cut off",
+        || !ready(port),
+    );
+    let report = status(port);
+    assert_eq!(report["kafka_reachable"], false, "{report}");
+    // Keep the network down for 20 s in all.
+    let rest = Duration::from_secs(20).saturating_sub(cut_at.elapsed());
+    wait_until(rest + Duration::from_secs(5), "20 s outage", || {
+        cut_at.elapsed() >= Duration::from_secs(20)
+    });
+    proxy.restore();
+
+    let records = consume_n(&world, &topics(&["order"]), 6_000, Duration::from_secs(120));
+    let (distinct, duplicates) = check_records(&records);
+    println!("20 s Kafka outage: {distinct} distinct of 6000, {duplicates} duplicates");
+    assert_eq!(distinct, 6_000, "zero lost; log:\n{}", relay.log());
+    wait_until(Duration::from_secs(30), "ready again", || ready(port));
+}
+
+#[test]
+fn a_missing_topic_holds_its_events_in_order_and_is_named() {
+    let world = World::new();
+    let (relay, port) = world.relay_with(&[("OUTBOX_RELAY_KAFKA_CREATE_TOPICS", "false")]);
+    world.wait_streaming();
+    world.write(200, 50, 5, &["order"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the relay names the missing topic",
+        || {
+            !ready(port)
+                && status(port)["waiting_for_topic"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("outbox.event.order"))
+        },
+    );
+    assert!(relay.log().contains("outbox.event.order"), "log names it");
+    world.kafka.create_topic("outbox.event.order", 3);
+    let records = consume_n(&world, &topics(&["order"]), 200, Duration::from_secs(60));
+    let (distinct, _) = check_records(&records);
+    assert_eq!(distinct, 200, "log:\n{}", relay.log());
+    wait_until(
+        Duration::from_secs(20),
+        "ready once the topic exists",
+        || ready(port),
+    );
+}
+
+#[test]
+fn a_standby_takes_over_within_ten_seconds_of_the_leaders_death() {
+    let world = World::new();
+    let (mut leader, leader_port) = world.relay_with(&[]);
+    world.wait_streaming();
+    let (standby, standby_port) = world.relay_with(&[]);
+    wait_until(Duration::from_secs(30), "both ready, one leader", || {
+        ready(leader_port)
+            && ready(standby_port)
+            && metric(leader_port, "outbox_relay_is_leader") == Some(1.0)
+            && metric(standby_port, "outbox_relay_is_leader") == Some(0.0)
+    });
+    assert_eq!(status(standby_port)["role"], "standby");
+
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| world.write(6_000, 50, 30, &["order"]));
+        wait_until(Duration::from_secs(60), "some events written", || {
+            world
+                .psql("SELECT count(*) FROM outbox.events")
+                .trim()
+                .parse::<u32>()
+                .unwrap()
+                > 1_500
+        });
+        leader.kill9();
+        let died = Instant::now();
+        wait_until(Duration::from_secs(15), "the standby leads", || {
+            metric(standby_port, "outbox_relay_is_leader") == Some(1.0)
+        });
+        let took = died.elapsed();
+        println!("takeover took {took:?}");
+        assert!(
+            took < Duration::from_secs(10),
+            "takeover within 10 s: {took:?}"
+        );
+        writer.join().unwrap();
+    });
+    let records = consume_n(&world, &topics(&["order"]), 6_000, Duration::from_secs(120));
+    let (distinct, duplicates) = check_records(&records);
+    println!("failover: {distinct} distinct of 6000, {duplicates} duplicates");
+    assert_eq!(
+        distinct,
+        6_000,
+        "zero lost; standby log:\n{}",
+        standby.log()
+    );
+}
+
+#[test]
+fn a_vanished_slot_is_not_recreated() {
+    let world = World::new();
+    let mut relay = world.relay();
+    world.write(100, 50, 5, &["order"]);
+    let _ = consume_n(&world, &topics(&["order"]), 100, Duration::from_secs(60));
+    relay.sigterm();
+    relay.wait_exit(Duration::from_secs(15)).expect("exits");
+    world.psql("SELECT pg_drop_replication_slot('outbox_relay')");
+    world.write(10, 10, 5, &["order"]);
+
+    let (relay, port) = world.relay_with(&[]);
+    wait_until(Duration::from_secs(30), "halted, naming the risk", || {
+        status(port)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no longer exists"))
+    });
+    assert!(!ready(port));
+    let error = status(port)["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains("relay_state"), "names the way out: {error}");
+    let slots = world.psql("SELECT count(*) FROM pg_replication_slots");
+    assert_eq!(slots.trim(), "0", "the slot was not recreated");
+    drop(relay);
+}
+
+#[test]
+fn secrets_never_reach_the_log_or_status() {
+    let world = World::new();
+    world.psql("CREATE ROLE relay_user LOGIN SUPERUSER PASSWORD 'pg-s3cret-pw'");
+    let port = free_port().unwrap();
+    let url = format!(
+        "postgres://relay_user:pg-s3cret-pw@127.0.0.1:{}/postgres",
+        world.pg.port()
+    );
+    let config = relay_config(
+        &url,
+        &world.kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        port,
+    ) + "\n[kafka.properties]\n\"sasl.password\" = \"kafka-s3cret-pw\"\n";
+    let relay = Relay::start(
+        &config,
+        &[(
+            "OUTBOX_RELAY_LOG",
+            "debug,tokio_postgres=info,rdkafka=info,hyper=info",
+        )],
+    );
+    world.wait_streaming();
+    world.write(10, 10, 2, &["order"]);
+    let _ = consume_n(&world, &topics(&["order"]), 10, Duration::from_secs(60));
+    let (_, status_body) = http_get(port, "/status").unwrap();
+    let (_, metrics_body) = http_get(port, "/metrics").unwrap();
+    let check = relay_cli(&["check"], &config, &[]);
+    let check_out = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "check passes: {check_out}");
+    for (what, text) in [
+        ("log", relay.log()),
+        ("status", status_body),
+        ("metrics", metrics_body),
+        ("check", check_out),
+    ] {
+        assert!(!text.is_empty(), "{what} is empty");
+        for secret in ["pg-s3cret-pw", "kafka-s3cret-pw"] {
+            assert!(!text.contains(secret), "{what} contains {secret}:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn the_least_privilege_role_runs_the_relay() {
+    let world = World::new();
+    world.psql(include_str!("../sql/roles.sql"));
+    world.psql("ALTER ROLE outbox_relay PASSWORD 'relay-pw'");
+    // The owner creates what needs ownership; the relay role only streams and reads.
+    let port = free_port().unwrap();
+    let owner = relay_config(
+        &world.pg.url("postgres"),
+        &world.kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        port,
+    );
+    let init = relay_cli(&["init"], &owner, &[]);
+    assert!(
+        init.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let url = format!(
+        "postgres://outbox_relay:relay-pw@127.0.0.1:{}/postgres",
+        world.pg.port()
+    );
+    let config = relay_config(
+        &url,
+        &world.kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        port,
+    );
+    let relay = Relay::start(&config, &[]);
+    world.wait_streaming();
+    world.write(500, 50, 10, &["order"]);
+    let records = consume_n(&world, &topics(&["order"]), 500, Duration::from_secs(60));
+    let ids: HashSet<_> = records.iter().filter_map(|r| r.header("id")).collect();
+    assert_eq!(ids.len(), 500, "log:\n{}", relay.log());
+    assert!(
+        world
+            .psql("SELECT rolsuper FROM pg_roles WHERE rolname = 'outbox_relay'")
+            .trim()
+            == "f"
+    );
+}
