@@ -172,6 +172,9 @@ pub enum ConfigError {
         /// The constraint, phrased to follow the field name.
         reason: String,
     },
+    /// A file named by the TLS settings of `postgres.url` is unusable.
+    #[error("postgres.url has TLS settings that cannot be used")]
+    Tls(#[source] crate::tls::TlsError),
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -268,6 +271,52 @@ impl fmt::Debug for PostgresConfig {
             .field("url", &self.redacted_url())
             .finish()
     }
+}
+
+/// libpq's `sslmode`, applied to both Postgres connections (see [`crate::tls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// `disable`: plain TCP only.
+    Disable,
+    /// `prefer`, libpq's default (and `allow`): TLS without verification when the server offers
+    /// it, plain TCP when it does not.
+    #[default]
+    Prefer,
+    /// `require`: TLS or no connection; the certificate is not verified.
+    Require,
+    /// `verify-ca`: TLS, and a trusted CA signed the server's certificate.
+    VerifyCa,
+    /// `verify-full`: `verify-ca`, and the certificate names the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// The TLS settings of `postgres.url`: libpq's `sslmode`, `sslrootcert`, `sslcert` and
+/// `sslkey`, which the relay reads itself because tokio-postgres knows only the first, and only
+/// three of its values.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PostgresTls {
+    /// The mode in force. As in libpq, `require` with an `sslrootcert` file verifies the CA
+    /// (`verify-ca`), `sslrootcert=system` without a mode means `verify-full`, and every mode
+    /// is `disable` when all hosts are Unix sockets (Postgres has no TLS there).
+    pub mode: SslMode,
+    /// The PEM file of the CAs trusted to sign the server's certificate; `None` (no
+    /// `sslrootcert`, or `sslrootcert=system`) trusts the system's CA bundle.
+    pub root_cert: Option<PathBuf>,
+    /// A client certificate chain and its private key (PEM files), from `sslcert` and `sslkey`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// How outbox rows are read.
@@ -586,27 +635,25 @@ impl Config {
     /// Checks every constraint the types cannot express; the error names the field and the
     /// constraint. Returns the first problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.postgres_config()?;
+        let (_, tls) = parse_postgres_url(self.postgres.url.expose())?;
+        // Reads the CA and client certificate files now, so a wrong path fails at startup.
+        crate::tls::make_tls_connect(&tls).map_err(ConfigError::Tls)?;
         self.validate_source()?;
         self.validate_kafka()?;
         validate_log_level(&self.log.level)
     }
 
     /// The Postgres connection settings, parsed by `tokio_postgres` (which accepts `postgres://`
-    /// URLs and libpq `key=value` strings). The error never contains the password.
+    /// URLs and libpq `key=value` strings). The TLS parameters it does not know are taken out
+    /// first ([`Config::postgres_tls`] has them) and its `ssl_mode` set to match: `disable`,
+    /// `prefer`, or `require` for the verifying modes. The error never contains the password.
     pub fn postgres_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        const FIELD: &str = "postgres.url";
-        let url = self.postgres.url.expose();
-        let config = url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|_| invalid(FIELD, url_error_reason(url)))?;
-        if config.get_hosts().is_empty() {
-            return Err(invalid(FIELD, "must name a host"));
-        }
-        if config.get_user().is_none() {
-            return Err(invalid(FIELD, "must name a user"));
-        }
-        Ok(config)
+        parse_postgres_url(self.postgres.url.expose()).map(|(config, _)| config)
+    }
+
+    /// The TLS settings of `postgres.url`, for both connections.
+    pub fn postgres_tls(&self) -> Result<PostgresTls, ConfigError> {
+        parse_postgres_url(self.postgres.url.expose()).map(|(_, tls)| tls)
     }
 
     fn validate_source(&self) -> Result<(), ConfigError> {
@@ -1239,6 +1286,187 @@ fn blame_env(err: ConfigError, origins: &BTreeMap<String, String>) -> ConfigErro
     }
 }
 
+const POSTGRES_URL_FIELD: &str = "postgres.url";
+
+/// The libpq TLS parameters the relay takes out of `postgres.url` before tokio_postgres sees it.
+const TLS_PARAMS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// Parses `postgres.url` into tokio_postgres settings and the TLS settings.
+fn parse_postgres_url(url: &str) -> Result<(tokio_postgres::Config, PostgresTls), ConfigError> {
+    let (rest, params) = split_tls_params(url).unwrap_or_else(|| (url.to_owned(), Vec::new()));
+    let mut config = rest
+        .parse::<tokio_postgres::Config>()
+        .map_err(|_| invalid(POSTGRES_URL_FIELD, url_error_reason(url)))?;
+    if config.get_hosts().is_empty() {
+        return Err(invalid(POSTGRES_URL_FIELD, "must name a host"));
+    }
+    if config.get_user().is_none() {
+        return Err(invalid(POSTGRES_URL_FIELD, "must name a user"));
+    }
+    let unix_only = config
+        .get_hosts()
+        .iter()
+        .all(|host| !matches!(host, tokio_postgres::config::Host::Tcp(_)));
+    let tls = tls_settings(&params, unix_only)?;
+    config.ssl_mode(match tls.mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            tokio_postgres::config::SslMode::Require
+        }
+    });
+    Ok((config, tls))
+}
+
+/// The TLS settings from the parameters [`split_tls_params`] took out (later ones win, as in
+/// libpq; an empty value is no value).
+fn tls_settings(params: &[(&str, String)], unix_only: bool) -> Result<PostgresTls, ConfigError> {
+    let value = |key: &str| {
+        params
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let mode = match value("sslmode") {
+        None => None,
+        Some("disable") => Some(SslMode::Disable),
+        Some("allow" | "prefer") => Some(SslMode::Prefer),
+        Some("require") => Some(SslMode::Require),
+        Some("verify-ca") => Some(SslMode::VerifyCa),
+        Some("verify-full") => Some(SslMode::VerifyFull),
+        Some(other) => {
+            return Err(invalid(
+                POSTGRES_URL_FIELD,
+                format!(
+                    "must be a postgres:// URL or a libpq key=value string; sslmode {other:?} \
+                     is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ),
+            ))
+        }
+    };
+    let system_roots = value("sslrootcert") == Some("system");
+    let root_cert = value("sslrootcert")
+        .filter(|_| !system_roots)
+        .map(PathBuf::from);
+    let mut mode = match (mode, system_roots) {
+        // libpq: sslrootcert=system asks for verify-full, and refuses weaker modes.
+        (None, true) => SslMode::VerifyFull,
+        (Some(mode), true) if mode != SslMode::VerifyFull && mode != SslMode::Disable => {
+            return Err(invalid(
+                POSTGRES_URL_FIELD,
+                format!(
+                    "must not combine sslrootcert=system with sslmode={} (use verify-full)",
+                    mode.as_str()
+                ),
+            ))
+        }
+        (mode, _) => mode.unwrap_or_default(),
+    };
+    // libpq: "if a root CA file exists, sslmode=require behaves like verify-ca".
+    if mode == SslMode::Require && root_cert.is_some() {
+        mode = SslMode::VerifyCa;
+    }
+    if unix_only {
+        mode = SslMode::Disable;
+    }
+    let client_cert = match (value("sslcert"), value("sslkey")) {
+        (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                POSTGRES_URL_FIELD,
+                "sets sslcert without sslkey: a client certificate needs both",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                POSTGRES_URL_FIELD,
+                "sets sslkey without sslcert: a client certificate needs both",
+            ))
+        }
+    };
+    Ok(PostgresTls {
+        mode,
+        root_cert,
+        client_cert,
+    })
+}
+
+/// Takes the [`TLS_PARAMS`] out of a connection string: the rest, and the `(key, value)` pairs
+/// taken (decoded), in order. `None` if a `key=value` string cannot be tokenised; tokio_postgres
+/// then gets the whole string and says what is wrong.
+fn split_tls_params(url: &str) -> Option<(String, Vec<(&'static str, String)>)> {
+    let tls_param = |key: &[u8]| TLS_PARAMS.into_iter().find(|p| p.as_bytes() == key);
+    let mut taken = Vec::new();
+    let Some(query) = url_query_start(url) else {
+        let mut rest = String::with_capacity(url.len());
+        let mut last = 0;
+        for (key, value) in keyword_pairs(url)? {
+            if let Some(param) = tls_param(url[key.clone()].as_bytes()) {
+                taken.push((param, keyword_value(&url[value.clone()])));
+                rest.push_str(&url[last..key.start]);
+                last = value.end;
+            }
+        }
+        rest.push_str(&url[last..]);
+        return Some((rest, taken));
+    };
+    let Some(query) = query else {
+        return Some((url.to_owned(), taken));
+    };
+    let mut kept = Vec::new();
+    for param in url[query..].split('&') {
+        let (key, value) = param.split_once('=').unwrap_or((param, ""));
+        match tls_param(&percent_decode(key)) {
+            Some(name) => taken.push((
+                name,
+                String::from_utf8_lossy(&percent_decode(value)).into_owned(),
+            )),
+            None => kept.push(param),
+        }
+    }
+    let mut rest = url[..query - 1].to_owned();
+    if !kept.is_empty() {
+        rest.push('?');
+        rest.push_str(&kept.join("&"));
+    }
+    Some((rest, taken))
+}
+
+/// For a `postgres://` URL, `Some` of where its query starts (after the `?`), if it has one;
+/// `None` for a `key=value` string. Found the way [`password_spans`] reads URLs.
+fn url_query_start(url: &str) -> Option<Option<usize>> {
+    let prefix = ["postgres://", "postgresql://"]
+        .iter()
+        .find(|prefix| url.starts_with(*prefix))?;
+    let start = prefix.len();
+    let after_credentials = url[start..].find('@').map_or(start, |at| start + at + 1);
+    Some(
+        url[after_credentials..]
+            .find('?')
+            .map(|question| after_credentials + question + 1),
+    )
+}
+
+/// A `key=value` string's value as tokio_postgres reads it: quotes removed, `\\x` is `x`.
+fn keyword_value(raw: &str) -> String {
+    let inner = raw
+        .strip_prefix('\'')
+        .and_then(|r| r.strip_suffix('\''))
+        .unwrap_or(raw);
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Why `url` does not parse, without the password: the parser's complaint about the redacted
 /// string, unless even that could echo part of the secret.
 fn url_error_reason(url: &str) -> String {
@@ -1247,6 +1475,8 @@ fn url_error_reason(url: &str) -> String {
     else {
         return format!("{BASE}; check its quoting (a value with spaces goes in single quotes)");
     };
+    // The TLS parameters are the relay's to read: without them the parser sees what it would.
+    let redacted = split_tls_params(&redacted).map_or(redacted, |(rest, _)| rest);
     let Err(err) = redacted.parse::<tokio_postgres::Config>() else {
         // The redacted form parses, so the problem is inside the password itself.
         return format!("{BASE}; check the escaping of the password");
@@ -1318,11 +1548,26 @@ fn password_spans(url: &str) -> Option<Vec<std::ops::Range<usize>>> {
     Some(spans)
 }
 
-/// `password` values of a libpq `key = value` string, following `tokio_postgres`'s tokeniser
-/// (Unicode whitespace separates, `\\` escapes the next character, `'...'` quotes).
+/// `password` values of a libpq `key = value` string.
 fn keyword_password_spans(text: &str) -> Option<Vec<std::ops::Range<usize>>> {
+    Some(
+        keyword_pairs(text)?
+            .into_iter()
+            .filter(|(key, _)| &text[key.clone()] == "password")
+            .map(|(_, value)| value)
+            .collect(),
+    )
+}
+
+/// `(key, raw value)` byte ranges.
+type KeywordPairs = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
+
+/// The `(key, raw value)` byte ranges of a libpq `key = value` string, following
+/// `tokio_postgres`'s tokeniser (Unicode whitespace separates, `\\` escapes the next character,
+/// `'...'` quotes). `None` if it cannot be tokenised (an unterminated quote, a missing `=`).
+fn keyword_pairs(text: &str) -> Option<KeywordPairs> {
     let mut chars = text.char_indices().peekable();
-    let mut spans = Vec::new();
+    let mut pairs = Vec::new();
     loop {
         while chars.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
         let key_start = chars.peek().map_or(text.len(), |&(i, _)| i);
@@ -1333,7 +1578,7 @@ fn keyword_password_spans(text: &str) -> Option<Vec<std::ops::Range<usize>>> {
         let key_end = chars.peek().map_or(text.len(), |&(i, _)| i);
         if key_start == key_end {
             // tokio_postgres stops at the first empty keyword, too.
-            return Some(spans);
+            return Some(pairs);
         }
         while chars.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
         chars.next_if(|&(_, c)| c == '=')?;
@@ -1357,9 +1602,7 @@ fn keyword_password_spans(text: &str) -> Option<Vec<std::ops::Range<usize>>> {
             }
         }
         let value_end = chars.peek().map_or(text.len(), |&(i, _)| i);
-        if &text[key_start..key_end] == "password" {
-            spans.push(value_start..value_end);
-        }
+        pairs.push((key_start..key_end, value_start..value_end));
     }
 }
 
@@ -2008,6 +2251,164 @@ created_at = ""
         assert_eq!(config.postgres_config().unwrap().get_dbname(), Some("app"));
     }
 
+    fn with_url(url: &str) -> Config {
+        let mut config = Config::default();
+        config.postgres.url = Secret::new(url);
+        config
+    }
+
+    fn tls(url: &str) -> PostgresTls {
+        with_url(url).postgres_tls().unwrap()
+    }
+
+    fn tokio_ssl_mode(url: &str) -> tokio_postgres::config::SslMode {
+        with_url(url).postgres_config().unwrap().get_ssl_mode()
+    }
+
+    #[test]
+    fn tls_parameters_are_read_from_urls() {
+        use tokio_postgres::config::SslMode as Tokio;
+        let url = "postgres://relay:pw@db/app?application_name=x&sslmode=verify-full\
+                   &sslrootcert=%2Ftmp%2Fmy%20ca.pem&sslcert=/c.pem&sslkey=/k.pem";
+        assert_eq!(
+            tls(url),
+            PostgresTls {
+                mode: SslMode::VerifyFull,
+                root_cert: Some("/tmp/my ca.pem".into()),
+                client_cert: Some(("/c.pem".into(), "/k.pem".into())),
+            }
+        );
+        // What tokio_postgres cannot parse is gone; the rest is still there.
+        let pg = with_url(url).postgres_config().unwrap();
+        assert_eq!(pg.get_ssl_mode(), Tokio::Require);
+        assert_eq!(pg.get_application_name(), Some("x"));
+        assert_eq!(pg.get_password(), Some(&b"pw"[..]));
+
+        // libpq's default is prefer, and so is ours; allow is served by prefer.
+        for url in [
+            "postgres://relay@db/app",
+            "postgres://relay@db/app?sslmode=prefer",
+            "postgres://relay@db/app?sslmode=allow",
+            "postgres://relay@db/app?sslmode=",
+        ] {
+            assert_eq!(tls(url), PostgresTls::default(), "{url}");
+            assert_eq!(tokio_ssl_mode(url), Tokio::Prefer, "{url}");
+        }
+        let url = "postgres://relay@db/app?sslmode=disable&sslrootcert=/ca.pem";
+        assert_eq!(tls(url).mode, SslMode::Disable);
+        assert_eq!(tokio_ssl_mode(url), Tokio::Disable);
+        let url = "postgres://relay@db/app?sslmode=require";
+        assert_eq!(tls(url).mode, SslMode::Require);
+        assert_eq!(tokio_ssl_mode(url), Tokio::Require);
+        // Later parameters win, as in libpq.
+        let url = "postgres://relay@db/app?sslmode=disable&sslmode=verify-ca";
+        assert_eq!(tls(url).mode, SslMode::VerifyCa);
+    }
+
+    #[test]
+    fn tls_parameters_are_read_from_key_value_strings() {
+        let url = "host=db user=relay password='a b' sslmode = verify-ca \
+                   sslrootcert='/my dir/ca.pem' dbname=app sslcert=/c\\ d.pem sslkey=/k.pem";
+        assert_eq!(
+            tls(url),
+            PostgresTls {
+                mode: SslMode::VerifyCa,
+                root_cert: Some("/my dir/ca.pem".into()),
+                client_cert: Some(("/c d.pem".into(), "/k.pem".into())),
+            }
+        );
+        let pg = with_url(url).postgres_config().unwrap();
+        assert_eq!(pg.get_dbname(), Some("app"));
+        assert_eq!(pg.get_password(), Some(&b"a b"[..]));
+    }
+
+    #[test]
+    fn tls_modes_follow_libpq() {
+        // require with a CA file verifies the CA.
+        let url = "postgres://relay@db/app?sslmode=require&sslrootcert=/ca.pem";
+        assert_eq!(tls(url).mode, SslMode::VerifyCa);
+        // sslrootcert=system means the system's CAs, verify-full unless said otherwise.
+        let url = "postgres://relay@db/app?sslrootcert=system";
+        assert_eq!(
+            tls(url),
+            PostgresTls {
+                mode: SslMode::VerifyFull,
+                root_cert: None,
+                client_cert: None,
+            }
+        );
+        let err = validate_err(|c| {
+            c.postgres.url =
+                Secret::new("postgres://relay@db/app?sslmode=require&sslrootcert=system")
+        });
+        assert_eq!(
+            err,
+            "postgres.url must not combine sslrootcert=system with sslmode=require (use verify-full)"
+        );
+        // Postgres has no TLS on Unix sockets; libpq ignores sslmode there.
+        let url = "host=/var/run/postgresql user=relay sslmode=verify-full";
+        assert_eq!(tls(url).mode, SslMode::Disable);
+    }
+
+    #[test]
+    fn tls_parameter_errors() {
+        let err = validate_err(|c| {
+            c.postgres.url =
+                Secret::new("postgres://relay:hunter2@db/app?sslmode=verify-everything")
+        });
+        assert!(err.starts_with("postgres.url must be"), "{err}");
+        assert!(err.contains("\"verify-everything\" is not one of"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = validate_err(|c| {
+            c.postgres.url = Secret::new("postgres://relay@db/app?sslcert=/c.pem")
+        });
+        assert_eq!(
+            err,
+            "postgres.url sets sslcert without sslkey: a client certificate needs both"
+        );
+        let err = validate_err(|c| c.postgres.url = Secret::new("host=db user=u sslkey=/k.pem"));
+        assert_eq!(
+            err,
+            "postgres.url sets sslkey without sslcert: a client certificate needs both"
+        );
+        // The parser's complaint about the rest survives the TLS parameters.
+        let err = validate_err(|c| {
+            c.postgres.url =
+                Secret::new("postgres://relay:hunter2@db:notaport/app?sslmode=verify-full")
+        });
+        assert!(err.contains("port") && !err.contains("sslmode"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn validation_reads_the_tls_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let config = with_url(&format!(
+            "postgres://relay@db/app?sslmode=verify-full&sslrootcert={}",
+            missing.display()
+        ));
+        let err = config.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::Tls(_)), "{err:?}");
+        let chain = crate::relay::error_chain(&err);
+        assert!(chain.contains("cannot read sslrootcert"), "{chain}");
+        assert!(chain.contains(&missing.display().to_string()), "{chain}");
+
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let config = with_url(&format!(
+            "host=db user=u sslmode=verify-ca sslrootcert={}",
+            garbage.display()
+        ));
+        let chain = crate::relay::error_chain(&config.validate().unwrap_err());
+        assert!(chain.contains("holds no usable PEM"), "{chain}");
+
+        // Without verification no file is needed.
+        assert!(with_url("postgres://relay@db/app?sslmode=require")
+            .validate()
+            .is_ok());
+    }
+
     #[test]
     fn redacted_urls() {
         let cases = [
@@ -2024,6 +2425,10 @@ created_at = ""
             (
                 "postgres://db/app?pass%77ord=x",
                 "postgres://db/app?pass%77ord=***",
+            ),
+            (
+                "postgres://relay:pw@db/app?sslmode=verify-full&sslrootcert=/ca.pem",
+                "postgres://relay:***@db/app?sslmode=verify-full&sslrootcert=/ca.pem",
             ),
             (
                 "host=db user=relay password=hunter2 dbname=app",
@@ -2187,6 +2592,12 @@ url = "postgres://relay:hunter2-pg@db:5432/app"
             #[test]
             fn loader_never_panics(text in "\\PC{0,200}") {
                 let _ = Config::from_parts(Some(&text), Vec::new());
+            }
+
+            #[test]
+            fn url_parser_never_panics(text in "(postgres://|host=)?\\PC{0,120}") {
+                let _ = parse_postgres_url(&text);
+                let _ = url_error_reason(&text);
             }
 
             #[test]

@@ -17,3 +17,4 @@ pub mod sink;
 pub mod source;
 pub mod status;
 pub mod throwaway;
+pub mod tls;

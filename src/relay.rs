@@ -52,17 +52,22 @@ pub enum RunError {
 /// Builds the pool for ordinary SQL.
 pub fn pool(cfg: &Config) -> Result<Pool, RunError> {
     let pg = cfg.postgres_config().map_err(RunError::PostgresUrl)?;
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let tls = cfg.postgres_tls().map_err(RunError::PostgresUrl)?;
+    // Verified: a pooled connection that went dead (a half-open network) is found out on
+    // reuse, within the recycle timeout, instead of hanging the caller.
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Verified,
+    };
+    let manager = match crate::tls::make_tls_connect(&tls) {
+        Ok(Some(connector)) => Manager::from_config(pg, connector, manager_config),
+        Ok(None) => Manager::from_config(pg, NoTls, manager_config),
+        Err(e) => return Err(RunError::PostgresUrl(crate::config::ConfigError::Tls(e))),
+    };
     Pool::builder(manager)
         .max_size(POOL_SIZE)
         .wait_timeout(Some(Duration::from_secs(10)))
         .create_timeout(Some(Duration::from_secs(10)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| RunError::Pool(e.to_string()))
@@ -206,50 +211,54 @@ async fn monitor(
         .map(Arc::new);
     let slot = config.source.slot.clone();
     loop {
-        let pg_ok = match pool.get().await {
-            Ok(conn) => {
-                let row = conn
-                    .query_opt(
-                        "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, \
+        let pg_ok = tokio::time::timeout(MONITOR_INTERVAL * 2, async {
+            match pool.get().await {
+                Ok(conn) => {
+                    let row = conn
+                        .query_opt(
+                            "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, \
                                 (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status \
                          FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&slot],
-                    )
-                    .await;
-                match row {
-                    Ok(row) => {
-                        let (retained, lag, wal_status) = row
-                            .map(|r| {
-                                (
-                                    r.get::<_, Option<i64>>(0),
-                                    r.get::<_, Option<i64>>(1),
-                                    r.get::<_, Option<String>>(2),
-                                )
-                            })
-                            .unwrap_or((None, None, None));
-                        if let Some(status) = wal_status {
-                            metrics.set_wal_status(&status);
+                            &[&slot],
+                        )
+                        .await;
+                    match row {
+                        Ok(row) => {
+                            let (retained, lag, wal_status) = row
+                                .map(|r| {
+                                    (
+                                        r.get::<_, Option<i64>>(0),
+                                        r.get::<_, Option<i64>>(1),
+                                        r.get::<_, Option<String>>(2),
+                                    )
+                                })
+                                .unwrap_or((None, None, None));
+                            if let Some(status) = wal_status {
+                                metrics.set_wal_status(&status);
+                            }
+                            if let Some(bytes) = retained {
+                                metrics.slot_retained_wal_bytes.set(bytes);
+                            }
+                            if let Some(bytes) = lag {
+                                metrics.replication_lag_bytes.set(bytes);
+                            }
+                            state.set_slot_stats(retained, lag);
+                            true
                         }
-                        if let Some(bytes) = retained {
-                            metrics.slot_retained_wal_bytes.set(bytes);
+                        Err(e) => {
+                            tracing::debug!(error = %e, "monitor query failed");
+                            false
                         }
-                        if let Some(bytes) = lag {
-                            metrics.replication_lag_bytes.set(bytes);
-                        }
-                        state.set_slot_stats(retained, lag);
-                        true
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "monitor query failed");
-                        false
                     }
                 }
+                Err(e) => {
+                    tracing::debug!(error = %e, "postgres unreachable");
+                    false
+                }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "postgres unreachable");
-                false
-            }
-        };
+        })
+        .await
+        .unwrap_or(false);
         state.set_postgres_ok(pg_ok);
         if let Some(probe) = &kafka_probe {
             let probe = Arc::clone(probe);

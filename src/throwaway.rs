@@ -58,11 +58,15 @@ const BASE_SETTINGS: [(&str, &str); 11] = [
     ("log_line_prefix", "%m [%p] %q%u@%d "),
 ];
 
-/// Extra `postgresql.conf` settings, applied after (so overriding) the defaults.
+/// Extra `postgresql.conf` settings, applied after (so overriding) the defaults, and an
+/// optional replacement for `pg_hba.conf`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PostgresOptions {
     /// `(name, value)` pairs, e.g. `("wal_level", "replica")`.
     pub settings: Vec<(String, String)>,
+    /// The whole `pg_hba.conf`, instead of the default that trusts local and loopback
+    /// connections (e.g. `hostssl` lines only, to refuse unencrypted TCP).
+    pub hba: Option<String>,
 }
 
 impl PostgresOptions {
@@ -71,6 +75,20 @@ impl PostgresOptions {
         self.settings.push((name.into(), value.into()));
         self
     }
+
+    /// Replaces `pg_hba.conf` with `text`. The harness's own tools (`psql`, `pg_isready`)
+    /// connect over TCP to 127.0.0.1 with libpq's default `sslmode=prefer`, so `hostssl`
+    /// lines admit them when the server has TLS.
+    pub fn hba(mut self, text: impl Into<String>) -> Self {
+        self.hba = Some(text.into());
+        self
+    }
+}
+
+/// The OS user the server runs as when it is not this process's user: `postgres` when this
+/// process is root. Files the server must own (an `ssl_key_file`) are handed to it.
+pub fn server_os_user() -> Option<&'static str> {
+    running_as_root().then_some(POSTGRES_OS_USER)
 }
 
 /// A running throwaway cluster; stopped (immediately) and deleted on drop.
@@ -120,7 +138,10 @@ impl ThrowawayPostgres {
         // From here on, dropping `pg` removes the directory (and stops a started server).
         pg.init()?;
         let base_conf = std::fs::read_to_string(pg.data_dir.join("postgresql.conf"))?;
-        std::fs::write(pg.data_dir.join("pg_hba.conf"), PG_HBA)?;
+        std::fs::write(
+            pg.data_dir.join("pg_hba.conf"),
+            opts.hba.as_deref().unwrap_or(PG_HBA),
+        )?;
 
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {

@@ -387,3 +387,39 @@ fn the_least_privilege_role_runs_the_relay() {
             == "f"
     );
 }
+
+#[test]
+fn a_half_open_postgres_connection_is_detected_and_the_relay_resumes() {
+    let world = World::new();
+    // Every relay connection to Postgres goes through a proxy the test can black-hole.
+    let (listener, proxy_port) = Proxy::bind();
+    let proxy = Proxy::forward(listener, world.pg.port());
+    let http = free_port().unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{proxy_port}/postgres");
+    let config = relay_config(
+        &url,
+        &world.kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        http,
+    );
+    let relay = Relay::start(&config, &[]);
+    world.wait_streaming();
+    world.write(1_000, 100, 10, &["order"]);
+    let _ = consume_n(&world, &topics(&["order"]), 1_000, Duration::from_secs(60));
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    world.write(1_000, 100, 10, &["order"]);
+    let records = consume_n(&world, &topics(&["order"]), 2_000, Duration::from_secs(120));
+    let (distinct, duplicates) = check_records(&records);
+    println!(
+        "half-open connection: resumed after {:?}; {distinct} distinct of 2000, {duplicates} duplicates",
+        cut.elapsed()
+    );
+    assert_eq!(distinct, 2_000, "zero lost; log:\n{}", relay.log());
+    assert!(
+        cut.elapsed() < Duration::from_secs(60),
+        "recovered before wal_sender_timeout (60 s) would have freed the slot"
+    );
+}

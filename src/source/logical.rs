@@ -12,6 +12,7 @@
 //! restart resends nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -99,6 +100,17 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let database = pg.get_dbname().unwrap_or(&user).to_owned();
+    let tls = cfg
+        .postgres_tls()
+        .map_err(|e| e.to_string())
+        .and_then(|tls| {
+            crate::tls::replication_tls(&tls, &host).map_err(|e| crate::relay::error_chain(&e))
+        })
+        .map_err(|problem| SourceError::Definite {
+            problem,
+            fix: "fix the TLS settings (sslmode, sslrootcert, sslcert, sslkey) of postgres.url"
+                .into(),
+        })?;
     Ok(ReplicationConfig::new(
         host,
         user,
@@ -108,6 +120,7 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
         cfg.source.publication.clone(),
     )
     .with_port(port)
+    .with_tls(tls)
     .with_application_name("outbox-relay")
     // Timestamps arrive as text; pin their format so they parse the same everywhere.
     .with_options("-c datestyle=ISO -c timezone=UTC")
@@ -120,13 +133,23 @@ pub async fn run_session(
     shutdown: &CancellationToken,
 ) -> Result<(), SourceError> {
     let cfg = &session.config;
-    let client = session.pool.get().await.map_err(SourceError::pool)?;
-    let prepared = super::setup::prepare_logical(&**client, cfg).await?;
-    drop(client);
+    let prepared = tokio::time::timeout(SETUP_TIMEOUT, async {
+        let client = session.pool.get().await.map_err(SourceError::pool)?;
+        super::setup::prepare_logical(&**client, cfg).await
+    })
+    .await
+    .map_err(|_| SourceError::Timeout("preparing the slot"))??;
 
     let status_interval = feedback_interval(prepared.wal_sender_timeout);
     let start = Lsn::from_u64(prepared.confirmed_flush);
+    // A name of its own, so the watchdog can find this session's walsender.
+    let application_name = format!(
+        "outbox-relay-{}-{}",
+        std::process::id(),
+        SESSION_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
     let repl_cfg = replication_config(cfg)?
+        .with_application_name(application_name.clone())
         .with_start_lsn(start)
         .with_ack_lsn(start)
         .with_status_interval(status_interval)
@@ -134,10 +157,18 @@ pub async fn run_session(
     let mut stream = ReplicationClient::connect(repl_cfg)
         .await
         .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
-    stream
-        .wait_started()
+    let started = tokio::time::timeout(SETUP_TIMEOUT, stream.wait_started())
         .await
-        .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
+        .map_err(|_| SourceError::Timeout("starting replication"))?;
+    if let Err(e) = started {
+        let error = SourceError::replication(e, &cfg.source.slot);
+        if matches!(error, SourceError::SlotBusy { .. }) {
+            if let Ok(client) = session.pool.get().await {
+                super::setup::release_stale_slot(&**client, &cfg.source.slot, STALE_HOLDER).await;
+            }
+        }
+        return Err(error);
+    }
 
     session.state.set_leader(true);
     session.metrics.is_leader.set(1);
@@ -163,9 +194,23 @@ pub async fn run_session(
         confirmed: prepared.confirmed_flush,
         stream_metrics: stream.metrics(),
     };
+    let stream_lost = CancellationToken::new();
+    let watchdog = tokio::spawn(watch_stream(
+        session.pool.clone(),
+        application_name,
+        stream_lost.clone(),
+    ));
     let result = pipeline
-        .stream(&mut stream, &mut sink, &shared, session, shutdown)
+        .stream(
+            &mut stream,
+            &mut sink,
+            &shared,
+            session,
+            shutdown,
+            &stream_lost,
+        )
         .await;
+    watchdog.abort();
     if result.is_err() {
         sink.purge();
         stream.abort();
@@ -173,6 +218,68 @@ pub async fn run_session(
     session.state.set_leader(false);
     session.metrics.is_leader.set(0);
     result
+}
+
+/// Numbers the sessions of this process, for their `application_name`.
+static SESSION_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// How long preparing and starting a session may take before it is retried.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the watchdog looks for this session's walsender.
+const WATCHDOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Failed looks in a row after which the stream counts as lost.
+const WATCHDOG_STRIKES: u32 = 3;
+/// A slot holder that has not replied for this long is a dead connection (live relays reply
+/// every second): its walsender is terminated so the slot frees before `wal_sender_timeout`.
+const STALE_HOLDER: Duration = Duration::from_secs(10);
+
+/// Detects a replication connection that died without the socket noticing (a half-open
+/// connection: the server's walsender is gone, or the network drops everything). An idle
+/// stream carries no data to fail on, so a second connection checks that the server still
+/// has a walsender for this session and hears its status updates (sent every second);
+/// `WATCHDOG_STRIKES` failures in a row cancel `stream_lost`.
+async fn watch_stream(
+    pool: deadpool_postgres::Pool,
+    application_name: String,
+    stream_lost: CancellationToken,
+) {
+    let mut strikes = 0;
+    loop {
+        tokio::time::sleep(WATCHDOG_INTERVAL).await;
+        let found = tokio::time::timeout(WATCHDOG_INTERVAL, async {
+            let client = pool.get().await.ok()?;
+            // Silent for longer than a stale holder: our status updates don't arrive.
+            let row = client
+                .query_opt(
+                    "SELECT extract(epoch FROM now() - coalesce(reply_time, backend_start))::float8 \
+                     FROM pg_stat_replication WHERE application_name = $1",
+                    &[&application_name],
+                )
+                .await;
+            match row {
+                Ok(row) => Some(row.is_some_and(|r| r.get::<_, f64>(0) < STALE_HOLDER.as_secs_f64())),
+                Err(_) => {
+                    // A broken connection must not go back to the pool.
+                    let _ = deadpool_postgres::Object::take(client);
+                    None
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Some(true)) => strikes = 0,
+            _ => strikes += 1,
+        }
+        if strikes >= WATCHDOG_STRIKES {
+            tracing::warn!(
+                application_name,
+                "no walsender serves this replication stream any more; reconnecting"
+            );
+            stream_lost.cancel();
+            return;
+        }
+    }
 }
 
 /// `min(1 s, wal_sender_timeout / 2)`: frequent enough that the server never times us out,
@@ -204,6 +311,7 @@ impl Pipeline<'_> {
         shared: &Arc<Shared<u64>>,
         session: &Session,
         shutdown: &CancellationToken,
+        stream_lost: &CancellationToken,
     ) -> Result<(), SourceError> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -230,7 +338,10 @@ impl Pipeline<'_> {
                         return Err(SourceError::Sink(crate::sink::kafka::SinkError::Delivery(failure)));
                     }
                 }
-                // 4. New data.
+                // 4. The watchdog found no walsender for this stream: the connection is dead
+                // even if the socket looks open.
+                _ = stream_lost.cancelled() => return Err(SourceError::StreamLost),
+                // 5. New data.
                 event = stream.recv() => {
                     match event.map_err(|e| SourceError::replication(e, &self.cfg.source.slot))? {
                         Some(event) => self.handle(event, stream, sink, shared).await?,

@@ -46,6 +46,10 @@ pub enum SourceError {
     Replication(#[source] PgWireError),
     #[error("the replication stream ended unexpectedly")]
     StreamEnded,
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("the replication connection is dead (the server has no walsender for it)")]
+    StreamLost,
     #[error("cannot decode a pgoutput message")]
     Decode(#[source] pgoutput::DecodeError),
     #[error(transparent)]

@@ -270,3 +270,37 @@ fn parse_lsn(text: &str) -> Result<u64, SourceError> {
             fix: "report this as a bug".into(),
         })
 }
+
+/// Frees `slot` from a holder that stopped replying (a connection that died half-open keeps
+/// its walsender, and the slot, until `wal_sender_timeout`). A live relay replies every
+/// second, so one silent for `stale_after` is dead; its walsender is terminated.
+pub async fn release_stale_slot(client: &impl GenericClient, slot: &str, stale_after: Duration) {
+    let row = client
+        .query_opt(
+            "SELECT r.pid, extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start))::float8 \
+             FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    let Ok(Some(row)) = row else {
+        return;
+    };
+    let pid: i32 = row.get(0);
+    let silent: f64 = row.get(1);
+    if silent < stale_after.as_secs_f64() {
+        return;
+    }
+    match client
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+    {
+        Ok(_) => tracing::warn!(
+            slot,
+            pid,
+            silent_secs = silent as u64,
+            "terminated a walsender holding the slot without replying (a dead connection)"
+        ),
+        Err(e) => tracing::warn!(slot, pid, error = %e, "cannot terminate the stale slot holder"),
+    }
+}

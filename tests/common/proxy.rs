@@ -4,14 +4,17 @@
 //! when the network between it and the broker goes away.
 
 use std::io;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 #[derive(Default)]
 struct State {
     cut: AtomicBool,
+    /// Connections opened before the current generation silently drop what they carry.
+    generation: AtomicU64,
     stopped: AtomicBool,
     open: Mutex<Vec<TcpStream>>,
 }
@@ -70,6 +73,13 @@ impl Proxy {
         }
     }
 
+    /// Makes every open connection a black hole: both ends stay open, nothing gets through,
+    /// no one is told (a half-open connection, as after a NAT or firewall drops its state).
+    /// New connections are forwarded as usual.
+    pub fn blackhole(&self) {
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Accepts and forwards connections again.
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
@@ -83,9 +93,23 @@ fn pipe(state: &Arc<State>, client: TcpStream, server: TcpStream) -> io::Result<
         open.push(client.try_clone()?);
         open.push(server.try_clone()?);
     }
+    let generation = state.generation.load(Ordering::SeqCst);
     for (mut from, mut to) in [(client.try_clone()?, server.try_clone()?), (server, client)] {
+        let state = Arc::clone(state);
         thread::spawn(move || {
-            let _ = io::copy(&mut from, &mut to);
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if state.generation.load(Ordering::SeqCst) != generation {
+                    continue; // a black hole: swallow it, keep both ends open
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
             let _ = from.shutdown(Shutdown::Both);
             let _ = to.shutdown(Shutdown::Both);
         });
