@@ -88,6 +88,29 @@ impl World {
     /// Writes `per_tx`-event transactions until `total` events are committed. Each payload
     /// carries its aggregate's sequence number so order can be checked.
     pub fn write(&self, total: usize, per_tx: usize, aggregates: usize, types: &[&str]) {
+        self.write_with(total, per_tx, aggregates, types, false);
+    }
+
+    /// [`World::write`] that rides out a Postgres restart: a batch that fails is retried
+    /// until the server is back (a retried batch may then exist twice, with other ids).
+    pub fn write_through_restarts(
+        &self,
+        total: usize,
+        per_tx: usize,
+        aggregates: usize,
+        types: &[&str],
+    ) {
+        self.write_with(total, per_tx, aggregates, types, true);
+    }
+
+    fn write_with(
+        &self,
+        total: usize,
+        per_tx: usize,
+        aggregates: usize,
+        types: &[&str],
+        retry: bool,
+    ) {
         let mut written = 0;
         while written < total {
             let n = per_tx.min(total - written);
@@ -106,7 +129,18 @@ impl World {
                 from = written,
                 to = written + n - 1,
             );
-            self.psql(&sql);
+            if retry {
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while let Err(e) = self.pg.psql("postgres", &sql) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "postgres did not come back: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            } else {
+                self.psql(&sql);
+            }
             written += n;
         }
     }
