@@ -1211,6 +1211,15 @@ fn env_target(var: &str) -> Option<(Vec<String>, &'static Kind)> {
     })
 }
 
+/// Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT_...` for every Service in the
+/// namespace; a Service named `outbox-relay` makes them `OUTBOX_RELAY_SERVICE_*` and
+/// `OUTBOX_RELAY_PORT*`. No config section is called `service` or `port`, so they are skipped
+/// instead of failing the start.
+fn is_kubernetes_service_link(name: &str) -> bool {
+    let rest = &name[ENV_PREFIX.len().min(name.len())..];
+    rest.starts_with("SERVICE_") || rest == "PORT" || rest.starts_with("PORT_")
+}
+
 /// Applies the `OUTBOX_RELAY_*` overrides; returns which variable set which field, so later
 /// errors can name it.
 fn apply_env(
@@ -1221,6 +1230,7 @@ fn apply_env(
         .into_iter()
         .filter(|(name, _)| name.starts_with(ENV_PREFIX))
         .filter(|(name, _)| name != CONFIG_PATH_ENV && name != LOG_FILTER_ENV)
+        .filter(|(name, _)| !is_kubernetes_service_link(name))
         .collect();
     // Sorted so that the outcome never depends on the environment's order.
     vars.sort();
@@ -1631,6 +1641,23 @@ fn percent_decode(text: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kubernetes_service_links_are_not_config() {
+        let env = [
+            ("OUTBOX_RELAY_SERVICE_HOST", "10.0.0.1"),
+            ("OUTBOX_RELAY_SERVICE_PORT_HTTP", "9187"),
+            ("OUTBOX_RELAY_PORT", "tcp://10.0.0.1:9187"),
+            ("OUTBOX_RELAY_PORT_9187_TCP_ADDR", "10.0.0.1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert!(Config::from_parts(None, env).is_ok());
+        let typo = [("OUTBOX_RELAY_KAFKA_BROKER".to_owned(), "x".to_owned())];
+        assert!(matches!(
+            Config::from_parts(None, typo),
+            Err(ConfigError::UnknownEnv { .. })
+        ));
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
