@@ -35,6 +35,16 @@ pub const LABEL_VERSION: &str = "version";
 pub const LABEL_OPERATION: &str = "operation";
 pub const LABEL_STATUS: &str = "status";
 
+/// The `kind` values of `outbox_relay_publish_errors_total` (see `sink::kafka::error_kind`).
+pub const PUBLISH_ERROR_KINDS: [&str; 6] = [
+    "message_too_large",
+    "invalid_topic",
+    "unknown_topic",
+    "timeout",
+    "fatal",
+    "other",
+];
+
 /// The values of `pg_replication_slots.wal_status`, each a series of
 /// `outbox_relay_slot_wal_status` (1 for the current one).
 pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
@@ -154,6 +164,9 @@ impl Metrics {
             .expect("unique metric");
         for status in WAL_STATUSES {
             slot_wal_status.with_label_values(&[status]);
+        }
+        for kind in PUBLISH_ERROR_KINDS {
+            publish_errors.with_label_values(&[kind]);
         }
         for op in ["update", "delete", "truncate"] {
             ignored_changes.with_label_values(&[op]);

@@ -213,6 +213,7 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
     }
 }
 
+/// The `kind` label for a delivery error; one of `metrics::PUBLISH_ERROR_KINDS`.
 fn error_kind(code: Option<RDKafkaErrorCode>) -> &'static str {
     match code {
         Some(RDKafkaErrorCode::MessageSizeTooLarge)
