@@ -74,14 +74,15 @@ pub enum TlsError {
     Settings(#[source] rustls::Error),
     /// The server's certificate chain does not lead to a trusted CA, or is otherwise invalid.
     #[error(
-        "the server's certificate could not be verified against {trust} (sslmode={mode}): check \
-         that sslrootcert holds the CA that signed it"
+        "the server's certificate could not be verified against {trust} (sslmode={mode}){hint}"
     )]
     Untrusted {
         /// The CAs trusted, in words.
         trust: String,
         /// The `sslmode` in force.
         mode: &'static str,
+        /// What to do, when the verdict says (an unknown issuer); else empty.
+        hint: &'static str,
         /// rustls' verdict.
         #[source]
         source: rustls::Error,
@@ -302,11 +303,19 @@ impl HandshakeContext {
                 host: host.to_owned(),
                 source: verdict,
             },
-            rustls::Error::InvalidCertificate(_) if !self.trust.is_empty() => TlsError::Untrusted {
-                trust: self.trust.clone(),
-                mode: self.mode.as_str(),
-                source: verdict,
-            },
+            rustls::Error::InvalidCertificate(problem) if !self.trust.is_empty() => {
+                TlsError::Untrusted {
+                    trust: self.trust.clone(),
+                    mode: self.mode.as_str(),
+                    hint: match problem {
+                        CertificateError::UnknownIssuer => {
+                            ": check that sslrootcert holds the CA that signed it"
+                        }
+                        _ => "",
+                    },
+                    source: verdict,
+                }
+            }
             _ => TlsError::Handshake(err),
         }
     }
@@ -520,5 +529,123 @@ impl ServerCertVerifier for IgnoreHostName {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(mode: SslMode, root_cert: Option<&str>) -> PostgresTls {
+        PostgresTls {
+            mode,
+            root_cert: root_cert.map(PathBuf::from),
+            client_cert: None,
+        }
+    }
+
+    #[test]
+    fn replication_tls_follows_the_mode() {
+        use pgwire_replication::SslMode as Pg;
+        let mode = |tls: &PostgresTls, host: &str| replication_tls(tls, host).unwrap().mode;
+        assert_eq!(mode(&settings(SslMode::Disable, None), "db"), Pg::Disable);
+        assert_eq!(mode(&settings(SslMode::Prefer, None), "db"), Pg::Prefer);
+        assert_eq!(mode(&settings(SslMode::Require, None), "db"), Pg::Require);
+        // No TLS on Unix sockets, whatever the mode.
+        let full = settings(SslMode::VerifyFull, Some("/ca.pem"));
+        assert_eq!(mode(&full, "/var/run/postgresql"), Pg::Disable);
+
+        let by_name = replication_tls(&full, "db.example").unwrap();
+        assert_eq!(by_name.mode, Pg::VerifyFull);
+        assert_eq!(by_name.ca_pem_path, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(by_name.sni_hostname, None);
+        // By address, the address is the name checked (an IP SAN).
+        let by_address = replication_tls(&full, "10.0.0.7").unwrap();
+        assert_eq!(by_address.sni_hostname.as_deref(), Some("10.0.0.7"));
+
+        let mut ca = settings(SslMode::VerifyCa, Some("/ca.pem"));
+        ca.client_cert = Some(("/c.pem".into(), "/k.pem".into()));
+        let ca = replication_tls(&ca, "db").unwrap();
+        assert_eq!(ca.mode, Pg::VerifyCa);
+        assert_eq!(ca.client_cert_pem_path, Some(PathBuf::from("/c.pem")));
+        assert_eq!(ca.client_key_pem_path, Some(PathBuf::from("/k.pem")));
+    }
+
+    #[test]
+    fn without_sslrootcert_both_connections_trust_the_system_bundle() {
+        let tls = settings(SslMode::VerifyFull, None);
+        match openssl_probe::probe().cert_file {
+            Some(bundle) => {
+                let replication = replication_tls(&tls, "db").unwrap();
+                assert_eq!(replication.ca_pem_path, Some(bundle));
+                assert!(make_tls_connect(&tls).unwrap().is_some());
+            }
+            None => {
+                assert!(matches!(
+                    replication_tls(&tls, "db"),
+                    Err(TlsError::NoSystemRoots)
+                ));
+                assert!(matches!(
+                    make_tls_connect(&tls),
+                    Err(TlsError::NoSystemRoots)
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn connector_needs_files_only_to_verify_or_authenticate() {
+        assert!(
+            make_tls_connect(&settings(SslMode::Disable, Some("/nowhere")))
+                .unwrap()
+                .is_none()
+        );
+        assert!(make_tls_connect(&settings(SslMode::Require, None))
+            .unwrap()
+            .is_some());
+        let mut tls = settings(SslMode::Require, None);
+        tls.client_cert = Some(("/nowhere/c.pem".into(), "/nowhere/k.pem".into()));
+        let err = make_tls_connect(&tls).err().unwrap();
+        assert!(
+            matches!(
+                &err,
+                TlsError::Read {
+                    param: "sslcert",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "cannot read sslcert /nowhere/c.pem");
+    }
+
+    #[test]
+    fn handshake_failures_name_the_check_that_failed() {
+        let context = HandshakeContext {
+            mode: SslMode::VerifyFull,
+            trust: "the CA in sslrootcert (/ca.pem)".into(),
+        };
+        let rejected = |e: CertificateError| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(e),
+            )
+        };
+        let err = context.explain("db", rejected(CertificateError::UnknownIssuer));
+        assert_eq!(
+            err.to_string(),
+            "the server's certificate could not be verified against the CA in sslrootcert \
+             (/ca.pem) (sslmode=verify-full): check that sslrootcert holds the CA that signed it"
+        );
+        let err = context.explain("db", rejected(CertificateError::Expired));
+        assert_eq!(
+            crate::relay::error_chain(&err),
+            "the server's certificate could not be verified against the CA in sslrootcert \
+             (/ca.pem) (sslmode=verify-full): invalid peer certificate: Expired"
+        );
+        let err = context.explain("db", rejected(CertificateError::NotValidForName));
+        assert!(matches!(&err, TlsError::WrongHost { host, .. } if host == "db"));
+        let err = context.explain("db", io::Error::other("connection reset"));
+        assert!(matches!(err, TlsError::Handshake(_)));
     }
 }

@@ -387,3 +387,41 @@ fn verify_ca_streams_from_a_server_whose_certificate_names_another_host() {
     let records = consume_n(&world, &topics(&["Order"]), 50, Duration::from_secs(60));
     assert_eq!(check_records(&records).0, 50, "{}", relay.log_tail());
 }
+
+/// Kafka's TLS comes from librdkafka built with OpenSSL (rdkafka's `ssl` feature): without it,
+/// librdkafka refuses `security.protocol` SSL and SASL_SSL ("OpenSSL not available at build
+/// time") and SCRAM. The relay's own producer and admin settings are used, as `run` builds them.
+#[test]
+fn kafka_clients_accept_ssl_and_sasl_scram() {
+    use outbox_relay::sink::kafka;
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+
+    for (protocol, mechanism) in [
+        ("SSL", None),
+        ("SASL_SSL", Some("SCRAM-SHA-512")),
+        ("SASL_SSL", Some("SCRAM-SHA-256")),
+        ("SASL_SSL", Some("PLAIN")),
+    ] {
+        let mut text = format!(
+            "[kafka]\nbrokers = \"127.0.0.1:1\"\n[kafka.properties]\n\
+             \"security.protocol\" = \"{protocol}\"\n"
+        );
+        if let Some(mechanism) = mechanism {
+            text.push_str(&format!(
+                "\"sasl.mechanisms\" = \"{mechanism}\"\n\"sasl.username\" = \"relay\"\n\
+                 \"sasl.password\" = \"secret\"\n"
+            ));
+        }
+        let config = outbox_relay::config::Config::from_parts(Some(&text), Vec::new())
+            .expect("config loads");
+        let producer = kafka::client_config(&config.kafka).create::<BaseProducer>();
+        assert!(
+            producer.is_ok(),
+            "{protocol} {mechanism:?}: {:?}",
+            producer.err()
+        );
+        let admin = kafka::admin_config(&config.kafka).create::<BaseConsumer>();
+        assert!(admin.is_ok(), "{protocol} {mechanism:?}: {:?}", admin.err());
+    }
+}
