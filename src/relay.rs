@@ -184,13 +184,17 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
     }
 }
 
-/// An error with its causes, one line.
+/// An error with its causes, one line, each cause once.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        // Some errors (tokio-postgres's) already include their cause in their message.
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
