@@ -9,9 +9,12 @@
 -- This file is applied by `outbox-relay init` and is idempotent: running it again changes
 -- nothing and loses no data. It needs PostgreSQL 13 or later (gen_random_uuid, xid8).
 --
--- Housekeeping: the relay never deletes rows. Once events are published (see `outbox-relay
--- status`) old rows may be deleted at any time, e.g. with a daily
+-- Housekeeping: the relay deletes no rows unless told to (polling mode's `source.retention`).
+-- Once events are published (see `outbox-relay status`) old rows may be deleted at any time, e.g.
+-- with a daily
 --     DELETE FROM outbox.events WHERE created_at < now() - interval '7 days';
+-- In polling mode a row is published only once the polling cursor has passed it: deleting it
+-- before then loses the event, so prefer `source.retention`, which deletes only such rows.
 -- In logical mode the table may even stay empty: deleting the row in the same transaction that
 -- inserted it still publishes the event, because the relay reads the insert from the WAL.
 
@@ -100,14 +103,36 @@ $$;
 COMMENT ON FUNCTION outbox.emit(text, text, text, jsonb, jsonb) IS
     'Emit one outbox event into the WAL without writing a row (logical mode only); returns the event id.';
 
+-- outbox.notify_relay: wakes a polling relay (source.mode = "polling") as soon as new events
+-- commit, so it need not wait for its next poll. A polling relay installs it on the outbox table as
+-- a statement-level trigger (`outbox-relay init` in polling mode does, and so does the relay itself
+-- at start when it may), which amounts to:
+--     CREATE TRIGGER outbox_relay_notify AFTER INSERT ON outbox.events
+--         FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_relay();
+-- Logical mode needs no trigger and should not have one: a transaction that notifies takes a
+-- database-wide lock while it commits, which serializes the commits of busy writers. The
+-- notification is delivered only when the inserting transaction commits, and carries no data:
+-- the relay reads the rows itself.
+CREATE OR REPLACE FUNCTION outbox.notify_relay() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM pg_notify('outbox_relay', '');
+    RETURN NULL;
+END;
+$$;
+
+COMMENT ON FUNCTION outbox.notify_relay() IS
+    'Trigger function: NOTIFY outbox_relay, so a polling outbox-relay polls at once.';
+
 -- outbox.relay_state: the relay's own bookkeeping, one row per relay (name). In logical mode it
 -- records which replication slot it consumed, so a slot that later disappears (dropped by hand,
 -- lost in a failover) is reported instead of silently recreated; in polling mode `position` is
 -- the polling cursor. Do not edit it while a relay is running.
 CREATE TABLE IF NOT EXISTS outbox.relay_state (
-    name              text        PRIMARY KEY,      -- the relay's slot name (or polling cursor name)
-    kind              text        NOT NULL,         -- 'logical' or 'polling'
-    position          text        NOT NULL,         -- last confirmed LSN, or the polling cursor
+    name              text        PRIMARY KEY,      -- the slot name, or 'polling:<schema.table>'
+    kind              text        NOT NULL,         -- 'logical-slot' or 'polling-cursor'
+    position          text        NOT NULL,         -- last confirmed LSN, or the cursor 'txid/seq'
     system_identifier text,                         -- the cluster it was recorded on
     updated_at        timestamptz NOT NULL DEFAULT now()
 );

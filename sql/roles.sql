@@ -9,6 +9,10 @@
 --   * `outbox-relay run` then needs only what is granted here, so run it as outbox_relay:
 --     REPLICATION to open the replication stream and create/read its slot, SELECT on the outbox
 --     (polling mode reads it; logical mode checks it), and its bookkeeping table.
+--   * polling mode (source.mode = "polling") needs no REPLICATION (ALTER ROLE outbox_relay
+--     NOREPLICATION is fine): SELECT on the outbox and the bookkeeping table (the polling cursor)
+--     suffice; with source.retention add  GRANT DELETE ON outbox.events TO outbox_relay;
+--     run `outbox-relay init` in polling mode as the table owner (it creates the notify trigger).
 --
 -- Give the role a password (or a client certificate) out of band, never in this file:
 --     ALTER ROLE outbox_relay PASSWORD '...';

@@ -1,21 +1,32 @@
 //! The operator commands: `init` (create what the relay needs), `check` (find what is wrong,
-//! one line each, with the fix) and `status` (where the slot stands).
+//! one line each, with the fix) and `status` (where the slot, or the polling cursor, stands).
+//! Polling mode needs neither `wal_level = logical` nor REPLICATION, and has no slot.
 
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::config::Config;
+use crate::config::{Config, SourceMode};
 use crate::relay::{error_chain, pool, RunError};
 use crate::sink::kafka;
-use crate::source::{setup, SourceError};
+use crate::source::setup::PollingSetup;
+use crate::source::{leader, polling, setup, SourceError};
 
-/// `outbox-relay init`: applies `sql/outbox.sql`, then creates the publication and slot.
+/// `outbox-relay init`: applies `sql/outbox.sql`, then creates the publication and slot
+/// (logical mode) or the notify trigger and the `(txid, seq)` index (polling mode).
 pub async fn init(cfg: &Config) -> Result<(), RunError> {
     let pool = pool(cfg)?;
     let client = pool.get().await.map_err(SourceError::pool)?;
     setup::apply_schema(&**client, cfg).await?;
     println!("schema: applied sql/outbox.sql");
+    if cfg.source.mode == SourceMode::Polling {
+        setup::prepare_polling(&**client, cfg, PollingSetup::Init).await?;
+        println!(
+            "polling: {} has the notify trigger and the (txid, seq) index (no slot needed)",
+            setup::table_sql(cfg)
+        );
+        return Ok(());
+    }
     let mut forced = cfg.clone();
     forced.source.create = true;
     let prepared = setup::prepare_logical(&**client, &forced).await?;
@@ -80,27 +91,30 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
     })?;
     let client = pool.get().await.map_err(SourceError::pool)?;
     let mut lines = vec!["postgres: reachable".to_owned()];
-    setup::check_wal_level(&**client).await?;
-    lines.push("postgres: wal_level = logical".into());
-
+    let polling = cfg.source.mode == SourceMode::Polling;
     let table = setup::table_sql(cfg);
-    let row = client
-        .query_one(
-            "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(|source| SourceError::Postgres {
-            context: "reading the role's attributes",
-            source,
-        })?;
-    if !row.get::<_, bool>(0) {
-        return Err(SourceError::Definite {
-            problem: "the relay's role has neither REPLICATION nor SUPERUSER".into(),
-            fix: "ALTER ROLE <relay role> REPLICATION (see sql/roles.sql)".into(),
-        });
+    if !polling {
+        setup::check_wal_level(&**client).await?;
+        lines.push("postgres: wal_level = logical".into());
+
+        let row = client
+            .query_one(
+                "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|source| SourceError::Postgres {
+                context: "reading the role's attributes",
+                source,
+            })?;
+        if !row.get::<_, bool>(0) {
+            return Err(SourceError::Definite {
+                problem: "the relay's role has neither REPLICATION nor SUPERUSER".into(),
+                fix: "ALTER ROLE <relay role> REPLICATION (see sql/roles.sql)".into(),
+            });
+        }
+        lines.push("postgres: role may stream replication".into());
     }
-    lines.push("postgres: role may stream replication".into());
 
     let (schema, name) = cfg.source.table_parts();
     let qualified = format!("{schema}.{name}");
@@ -132,6 +146,10 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
         });
     }
     lines.push(format!("postgres: outbox table {table} readable"));
+    if polling {
+        check_polling(&**client, cfg, &mut lines).await?;
+        return Ok(lines);
+    }
 
     let publication = client
         .query_opt(
@@ -210,10 +228,80 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
     Ok(lines)
 }
 
-/// `outbox-relay status`: the slot's position, lag, retained WAL and holder.
+/// Polling mode: the columns, the trigger, the index and the rights on the state table.
+async fn check_polling(
+    client: &impl tokio_postgres::GenericClient,
+    cfg: &Config,
+    lines: &mut Vec<String>,
+) -> Result<(), SourceError> {
+    let table = setup::table_sql(cfg);
+    let found = setup::prepare_polling(client, cfg, PollingSetup::Inspect).await?;
+    lines.push(format!(
+        "postgres: polling columns present (txid is {})",
+        if found.txid_is_xid8 { "xid8" } else { "bigint" }
+    ));
+    lines.push(if found.notify_trigger {
+        "postgres: notify trigger present (new rows wake the relay at once)".into()
+    } else {
+        "postgres: notify trigger missing: the relay polls every source.poll_interval; \
+         run `outbox-relay init` in polling mode as the table owner"
+            .into()
+    });
+    lines.push(if found.indexed {
+        "postgres: an index leads with txid".into()
+    } else {
+        format!(
+            "postgres: no index leads with txid: every poll scans {table}; \
+             run `outbox-relay init` in polling mode"
+        )
+    });
+    let rights = client
+        .query_one(
+            // Listing several privileges asks for any of them: ask for each.
+            "SELECT CASE WHEN to_regclass('outbox.relay_state') IS NULL THEN false ELSE \
+                has_table_privilege('outbox.relay_state', 'SELECT') \
+                AND has_table_privilege('outbox.relay_state', 'INSERT') \
+                AND has_table_privilege('outbox.relay_state', 'UPDATE') END",
+            &[],
+        )
+        .await
+        .map_err(setup::pg("checking the state table"))?;
+    if !rights.get::<_, bool>(0) {
+        return Err(SourceError::Definite {
+            problem: "the relay cannot read and write outbox.relay_state (the polling cursor)"
+                .into(),
+            fix: "run `outbox-relay init`, and GRANT SELECT, INSERT, UPDATE ON outbox.relay_state TO <relay role> (see sql/roles.sql)".into(),
+        });
+    }
+    lines.push("postgres: polling cursor table writable".into());
+    if cfg.source.retention.is_some() {
+        let qualified = cfg.source.table.clone();
+        let may_delete: bool = client
+            .query_one("SELECT has_table_privilege($1, 'DELETE')", &[&qualified])
+            .await
+            .map_err(setup::pg("checking privileges"))?
+            .get(0);
+        if !may_delete {
+            return Err(SourceError::Definite {
+                problem: format!(
+                    "source.retention is set but the relay cannot DELETE from {table}"
+                ),
+                fix: format!("GRANT DELETE ON {table} TO <relay role>, or remove source.retention"),
+            });
+        }
+        lines.push("postgres: retention may delete published rows".into());
+    }
+    Ok(())
+}
+
+/// `outbox-relay status`: the slot's position, lag, retained WAL and holder (polling mode:
+/// the cursor, pending rows and the leader's session).
 pub async fn status(cfg: &Config) -> Result<(), RunError> {
     let pool = pool(cfg)?;
     let client = pool.get().await.map_err(SourceError::pool)?;
+    if cfg.source.mode == SourceMode::Polling {
+        return polling_status(&**client, cfg).await;
+    }
     let row = client
         .query_opt(
             "SELECT confirmed_flush_lsn::text, active, active_pid, \
@@ -242,6 +330,70 @@ pub async fn status(cfg: &Config) -> Result<(), RunError> {
         "replication_lag_bytes": row.get::<_, Option<i64>>(3),
         "retained_wal_bytes": row.get::<_, Option<i64>>(4),
         "wal_status": row.get::<_, Option<String>>(5),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn polling_status(
+    client: &impl tokio_postgres::GenericClient,
+    cfg: &Config,
+) -> Result<(), RunError> {
+    let name = polling::state_name(cfg);
+    let row = client
+        .query_opt(
+            "SELECT position, updated_at::text FROM outbox.relay_state \
+             WHERE name = $1 AND kind = 'polling-cursor'",
+            &[&name],
+        )
+        .await
+        .map_err(setup::pg("reading the polling cursor"))?;
+    let Some(row) = row else {
+        println!("polling cursor {name}: none yet (the first relay starts at the beginning of the outbox)");
+        return Ok(());
+    };
+    let position: String = row.get(0);
+    let cursor = polling::Cursor::parse(&position).unwrap_or_default();
+    let key = leader::lock_key(&cfg.source.table);
+    let leader_pid: Option<i32> = client
+        .query_opt(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+               AND classid = $1 AND objid = $2 \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&((key >> 32) as u32), &(key as u32)],
+        )
+        .await
+        .map_err(setup::pg("looking up the leader"))?
+        .map(|r| r.get(0));
+    let found = setup::prepare_polling(client, cfg, PollingSetup::Inspect).await?;
+    let cursor_txid = if found.txid_is_xid8 {
+        "$1::bigint::text::xid8"
+    } else {
+        "$1::bigint"
+    };
+    let txid = setup::quote_ident(cfg.source.columns.txid.as_deref().unwrap_or_default());
+    let seq = setup::quote_ident(cfg.source.columns.seq.as_deref().unwrap_or_default());
+    let pending: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {} WHERE ({txid}, {seq}) > ({cursor_txid}, $2::bigint)",
+                setup::table_sql(cfg)
+            ),
+            &[&cursor.txid, &cursor.seq],
+        )
+        .await
+        .map_err(setup::pg("counting pending rows"))?
+        .get(0);
+    let report = serde_json::json!({
+        "cursor": position,
+        "cursor_updated_at": row.get::<_, Option<String>>(1),
+        "pending_events": pending,
+        "leader_connected": leader_pid.is_some(),
+        "leader_pid": leader_pid,
+        "notify_trigger": found.notify_trigger,
     });
     println!(
         "{}",

@@ -365,6 +365,10 @@ pub struct SourceConfig {
     pub batch_size: usize,
     /// Dead-letter or halt on a bad row.
     pub on_invalid: OnInvalid,
+    /// Polling mode: delete published rows older than this (by `created_at`), in small
+    /// batches. `None` (the default) deletes nothing.
+    #[serde(deserialize_with = "deserialize_optional_duration")]
+    pub retention: Option<Duration>,
     /// `[source.columns]`: column names of the outbox table.
     pub columns: Columns,
 }
@@ -381,6 +385,7 @@ impl Default for SourceConfig {
             poll_interval: DEFAULT_POLL_INTERVAL,
             batch_size: DEFAULT_BATCH_SIZE,
             on_invalid: DEFAULT_ON_INVALID,
+            retention: None,
             columns: Columns::default(),
         }
     }
@@ -709,6 +714,23 @@ impl Config {
                 ));
             }
         }
+        if let Some(retention) = source.retention {
+            if source.mode != SourceMode::Polling {
+                return Err(invalid(
+                    "source.retention",
+                    "applies to source.mode = \"polling\" only (logical mode cannot tell which rows are published)",
+                ));
+            }
+            if retention.is_zero() {
+                return Err(invalid("source.retention", "must be greater than zero"));
+            }
+            if columns.created_at.is_none() {
+                return Err(invalid(
+                    "source.retention",
+                    "needs source.columns.created_at (rows are aged by it)",
+                ));
+            }
+        }
         if source.mode == SourceMode::Polling {
             // Polling orders by (txid, seq) and only reads below the commit horizon.
             for (key, name) in [("seq", &columns.seq), ("txid", &columns.txid)] {
@@ -880,6 +902,12 @@ fn deserialize_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Du
         .map_err(|reason| de::Error::custom(format!("invalid duration {text:?}: {reason}")))
 }
 
+fn deserialize_optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(deserializer).map(Some)
+}
+
 /// `""` means the table has no such column.
 fn deserialize_optional_column<'de, D: Deserializer<'de>>(
     deserializer: D,
@@ -994,6 +1022,7 @@ const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
                 },
             ),
             ("on_invalid", Kind::Choice(&["dead-letter", "halt"])),
+            ("retention", Kind::Duration),
             ("columns", Kind::Columns),
         ],
     ),
@@ -1821,6 +1850,8 @@ level = "info,outbox_relay=debug"
             poll_interval: Duration::from_millis(1500),
             batch_size: 500,
             on_invalid: OnInvalid::Halt,
+            // Polling-only and checked against the mode: see the retention test.
+            retention: None,
             columns: Columns {
                 id: "event_id".into(),
                 aggregate_type: "agg_type".into(),
@@ -2126,6 +2157,32 @@ created_at = ""
         assert!(err.starts_with("source.columns.payload must be"), "{err}");
         let err = validate_err(|c| c.source.columns.headers = Some(String::new()));
         assert!(err.starts_with("source.columns.headers must be"), "{err}");
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_polling_only() {
+        assert_eq!(Config::default().source.retention, None);
+        let polling = "[source]\nmode = \"polling\"\nretention = \"24h\"\n";
+        let config = load(polling, &[]).unwrap();
+        assert_eq!(
+            config.source.retention,
+            Some(Duration::from_secs(24 * 3600))
+        );
+        let err = load_err("[source]\nretention = \"24h\"\n", &[]);
+        assert!(
+            err.starts_with("source.retention applies to source.mode = \"polling\" only"),
+            "{err}"
+        );
+        let err = load_err(polling, &[("OUTBOX_RELAY_SOURCE_COLUMNS_CREATED_AT", "")]);
+        assert!(
+            err.starts_with("source.retention needs source.columns.created_at"),
+            "{err}"
+        );
+        let err = load_err(polling, &[("OUTBOX_RELAY_SOURCE_RETENTION", "0s")]);
+        assert!(
+            err.starts_with("source.retention must be greater than zero"),
+            "{err}"
+        );
     }
 
     #[test]

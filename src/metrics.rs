@@ -27,6 +27,7 @@ pub const REPLICATION_LAG_SECONDS: &str = "outbox_relay_replication_lag_seconds"
 pub const SLOT_WAL_STATUS: &str = "outbox_relay_slot_wal_status";
 pub const PRODUCER_QUEUE_DEPTH: &str = "outbox_relay_producer_queue_depth";
 pub const HALTED: &str = "outbox_relay_halted";
+pub const RETENTION_DELETED_EVENTS_TOTAL: &str = "outbox_relay_retention_deleted_events_total";
 
 pub const LABEL_TOPIC: &str = "topic";
 pub const LABEL_REASON: &str = "reason";
@@ -75,6 +76,7 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     pub producer_queue_depth: IntGauge,
     pub halted: IntGauge,
+    pub retention_deleted: IntCounter,
 }
 
 impl Metrics {
@@ -132,6 +134,14 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(source_reconnects.clone()))
+            .expect("unique metric");
+        let retention_deleted = IntCounter::new(
+            RETENTION_DELETED_EVENTS_TOTAL,
+            "Polling mode: published outbox rows deleted by source.retention.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(retention_deleted.clone()))
             .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -214,6 +224,7 @@ impl Metrics {
                 HALTED,
                 "1 when the relay stopped advancing and needs the operator (see /status).",
             ),
+            retention_deleted,
             registry,
         }
     }
@@ -270,6 +281,7 @@ mod tests {
             SLOT_WAL_STATUS,
             PRODUCER_QUEUE_DEPTH,
             HALTED,
+            RETENTION_DELETED_EVENTS_TOTAL,
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

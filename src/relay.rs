@@ -20,7 +20,7 @@ use crate::config::{Config, SourceMode};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::sink::kafka;
-use crate::source::{logical, Session, SourceError};
+use crate::source::{logical, polling, Session, SourceError};
 use crate::status::RelayState;
 
 /// First retry delay after a transient fault; doubles up to [`MAX_BACKOFF`].
@@ -143,10 +143,7 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
         let started = std::time::Instant::now();
         let result = match session.config.source.mode {
             SourceMode::Logical => logical::run_session(session, shutdown).await,
-            SourceMode::Polling => Err(SourceError::Definite {
-                problem: "source.mode = \"polling\" is not available in this version".into(),
-                fix: "use source.mode = \"logical\" (needs wal_level = logical and the REPLICATION attribute)".into(),
-            }),
+            SourceMode::Polling => polling::run_session(session, shutdown).await,
         };
         let wait = match result {
             Ok(()) => return Ok(()),
@@ -160,8 +157,9 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
                 shutdown.cancelled().await;
                 return Err(e.into());
             }
-            Err(SourceError::SlotBusy { slot }) => {
-                tracing::debug!(%slot, "standing by: another relay holds the slot");
+            Err(SourceError::SlotBusy { slot: held } | SourceError::LeaderBusy { table: held }) => {
+                tracing::debug!(%held, "standing by: another relay leads");
+                session.state.set_source_ok(true);
                 first = true;
                 STANDBY_RETRY
             }
@@ -169,6 +167,7 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
                 let text = error_chain(&e);
                 tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "source session failed; resuming from the confirmed position");
                 session.state.set_error(Some(text));
+                session.state.set_source_ok(false);
                 if started.elapsed() > MAX_BACKOFF {
                     backoff = MIN_BACKOFF;
                 }

@@ -14,6 +14,7 @@ pub struct RelayState {
     postgres_ok: AtomicBool,
     kafka_ok: AtomicBool,
     halted: AtomicBool,
+    source_ok: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -24,6 +25,7 @@ struct Inner {
     slot_retained_wal_bytes: Option<i64>,
     replication_lag_bytes: Option<i64>,
     missing_topic: Option<String>,
+    horizon_held_back: Option<String>,
 }
 
 /// The `/status` document.
@@ -39,6 +41,9 @@ pub struct StatusReport {
     pub last_error: Option<String>,
     /// A Kafka topic the relay waits for (missing and not created), with the reason.
     pub waiting_for_topic: Option<String>,
+    /// Polling mode: a long-running transaction holds the commit horizon back, so committed
+    /// events wait; says for how long and, where visible, which session.
+    pub horizon_held_back: Option<String>,
     pub version: &'static str,
 }
 
@@ -47,8 +52,18 @@ impl RelayState {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Leading means the source works; losing the lead says nothing about that.
     pub fn set_leader(&self, leader: bool) {
         self.leader.store(leader, Ordering::Relaxed);
+        if leader {
+            self.set_source_ok(true);
+        }
+    }
+
+    /// Whether the last source session works: leading, or standing by behind a leader. A
+    /// session that keeps failing (TLS, a dead connection) makes the relay not ready.
+    pub fn set_source_ok(&self, ok: bool) {
+        self.source_ok.store(ok, Ordering::Relaxed);
     }
 
     pub fn is_leader(&self) -> bool {
@@ -87,12 +102,17 @@ impl RelayState {
         self.inner().missing_topic = problem;
     }
 
-    /// Ready: can reach Postgres and Kafka, is not halted and waits for no topic. A healthy
-    /// standby is ready.
+    pub fn set_horizon_held_back(&self, problem: Option<String>) {
+        self.inner().horizon_held_back = problem;
+    }
+
+    /// Ready: can reach Postgres and Kafka, leads or stands by, is not halted and waits for
+    /// no topic. A healthy standby is ready.
     pub fn is_ready(&self) -> bool {
         self.postgres_ok.load(Ordering::Relaxed)
             && self.kafka_ok.load(Ordering::Relaxed)
             && !self.halted.load(Ordering::Relaxed)
+            && self.source_ok.load(Ordering::Relaxed)
             && self.inner().missing_topic.is_none()
     }
 
@@ -112,6 +132,7 @@ impl RelayState {
             slot_retained_wal_bytes: inner.slot_retained_wal_bytes,
             last_error: inner.last_error,
             waiting_for_topic: inner.missing_topic,
+            horizon_held_back: inner.horizon_held_back,
             version: env!("CARGO_PKG_VERSION"),
         }
     }

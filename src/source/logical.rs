@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
 use super::{Session, SourceError};
-use crate::config::{Config, OnInvalid};
-use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Routed, Router};
+use crate::config::Config;
+use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
 use crate::sink::kafka::{KafkaSink, Shared};
 
 /// How often the session publishes confirmable positions and gauges.
@@ -170,6 +170,13 @@ pub async fn run_session(
         return Err(error);
     }
 
+    let shared: Arc<Shared<u64>> = Shared::new(session.metrics.clone());
+    let mut sink = KafkaSink::new(
+        &cfg.kafka,
+        Arc::clone(&shared),
+        Arc::clone(&session.state),
+        shutdown.clone(),
+    )?;
     session.state.set_leader(true);
     session.metrics.is_leader.set(1);
     tracing::info!(
@@ -178,14 +185,6 @@ pub async fn run_session(
         feedback_ms = status_interval.as_millis() as u64,
         "streaming the outbox"
     );
-
-    let shared: Arc<Shared<u64>> = Shared::new(session.metrics.clone());
-    let mut sink = KafkaSink::new(
-        &cfg.kafka,
-        Arc::clone(&shared),
-        Arc::clone(&session.state),
-        shutdown.clone(),
-    )?;
     let mut pipeline = Pipeline {
         cfg,
         router: session.router.clone(),
@@ -405,7 +404,9 @@ impl Pipeline<'_> {
                 ..
             } => {
                 let commit_ms = values::pg_micros_to_unix_ms(commit_time_micros);
-                let unit = shared.checkpoint().open(Some(instant_of(commit_ms)));
+                let unit = shared
+                    .checkpoint()
+                    .open(Some(values::instant_of(commit_ms)));
                 self.open = Some(OpenTransaction {
                     unit,
                     commit_lsn: final_lsn.to_string(),
@@ -439,7 +440,7 @@ impl Pipeline<'_> {
                     }
                 } else {
                     // Outside any transaction: a unit of its own at the message's LSN.
-                    let now_ms = unix_ms_now();
+                    let now_ms = values::unix_ms_now();
                     let unit = shared.checkpoint().open(Some(Instant::now()));
                     let lsn_text = lsn.to_string();
                     self.emitted(&content, unit, &lsn_text, now_ms, sink)
@@ -491,7 +492,7 @@ impl Pipeline<'_> {
                 let event = row_event(columns, &new, &tx.commit_lsn, tx.commit_ms);
                 let unit = tx.unit;
                 let routed = self.router.route(event);
-                self.halt_if_invalid(&routed)?;
+                super::halt_if_invalid(self.cfg.source.on_invalid, &routed)?;
                 sink.send(unit, routed).await?;
             }
             Message::Update { relation_id, .. } => self.ignored(relation_id, "update", sink),
@@ -549,7 +550,7 @@ impl Pipeline<'_> {
                 };
                 // The envelope borrows `content`; route and send before it goes.
                 let routed = self.router.route(event);
-                self.halt_if_invalid(&routed)?;
+                super::halt_if_invalid(self.cfg.source.on_invalid, &routed)?;
                 return Ok(sink.send(unit, routed).await?);
             }
             Err(error) => self.router.dead_letter_raw(
@@ -564,33 +565,8 @@ impl Pipeline<'_> {
                 "",
             ),
         };
-        self.halt_if_invalid(&routed)?;
+        super::halt_if_invalid(self.cfg.source.on_invalid, &routed)?;
         Ok(sink.send(unit, routed).await?)
-    }
-
-    /// With `on_invalid = "halt"`, an invalid event stops the relay before anything past it
-    /// is confirmed.
-    fn halt_if_invalid(&self, routed: &Routed<'_>) -> Result<(), SourceError> {
-        if self.cfg.source.on_invalid != OnInvalid::Halt {
-            return Ok(());
-        }
-        let Routed::DeadLetter { record, reason } = routed else {
-            return Ok(());
-        };
-        let text = |name| {
-            record
-                .header(name)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        };
-        Err(SourceError::Definite {
-            problem: format!(
-                "event {} is invalid ({reason}: {}); halted because source.on_invalid = \"halt\"",
-                text("id"),
-                text("dlq_error")
-            ),
-            fix: "correct the producer of this event, then set on_invalid = \"dead-letter\" to let it pass to the dead-letter topic".into(),
-        })
     }
 
     /// Drains in-flight records, confirms the final position and ends the stream.
@@ -670,18 +646,6 @@ fn row_event<'a>(
         ),
         pg_lsn: Some(commit_lsn),
     }
-}
-
-fn unix_ms_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The monotonic instant matching a wall-clock commit time, for latency measurements.
-fn instant_of(commit_ms: i64) -> Instant {
-    let age = Duration::from_millis(unix_ms_now().saturating_sub(commit_ms).max(0) as u64);
-    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }
 
 #[cfg(test)]

@@ -1,9 +1,13 @@
 //! Where committed outbox events come from: the logical replication stream (`logical`,
-//! decoded by `pgoutput`) and, later, the polling reader. Both hand rows to the same router
-//! and sink; `setup` prepares the database objects they need.
+//! decoded by `pgoutput`) or the polling reader (`polling`, led by whoever holds the `leader`
+//! lock). Both hand rows to the same router and sink; `setup` prepares the database objects
+//! they need.
 
+pub mod backlog;
+pub mod leader;
 pub mod logical;
 pub mod pgoutput;
+pub mod polling;
 pub mod setup;
 pub mod values;
 
@@ -34,6 +38,12 @@ pub enum SourceError {
     Definite { problem: String, fix: String },
     #[error("replication slot {slot} is in use by another connection")]
     SlotBusy { slot: String },
+    /// Polling mode: another relay holds the advisory lock that elects the leader.
+    #[error("another relay leads polling of {table}")]
+    LeaderBusy { table: String },
+    /// Polling mode: the connection holding the leader lock failed, so the lock may be gone.
+    #[error("the connection holding the leader lock was lost ({0})")]
+    LeaderLost(String),
     #[error("postgres query failed while {context}")]
     Postgres {
         context: &'static str,
@@ -103,4 +113,32 @@ impl SourceError {
         }
         Self::Replication(e)
     }
+}
+
+/// With `on_invalid = "halt"`, an invalid event stops the relay before anything past it is
+/// confirmed; otherwise it goes on to the dead-letter topic.
+pub(crate) fn halt_if_invalid(
+    on_invalid: crate::config::OnInvalid,
+    routed: &crate::route::Routed<'_>,
+) -> Result<(), SourceError> {
+    if on_invalid != crate::config::OnInvalid::Halt {
+        return Ok(());
+    }
+    let crate::route::Routed::DeadLetter { record, reason } = routed else {
+        return Ok(());
+    };
+    let text = |name| {
+        record
+            .header(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    Err(SourceError::Definite {
+        problem: format!(
+            "event {} is invalid ({reason}: {}); halted because source.on_invalid = \"halt\"",
+            text("id"),
+            text("dlq_error")
+        ),
+        fix: "correct the producer of this event, then set on_invalid = \"dead-letter\" to let it pass to the dead-letter topic".into(),
+    })
 }

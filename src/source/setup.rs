@@ -1,5 +1,6 @@
 //! Database objects the relay needs: the outbox schema (`init`), the publication and the
-//! replication slot, and the checks that turn a misconfigured database into one clear error.
+//! replication slot (logical mode), the notify trigger and the `(txid, seq)` index (polling
+//! mode), and the checks that turn a misconfigured database into one clear error.
 //!
 //! "Already exists" is success everywhere, so `init` and every start are idempotent. The
 //! relay remembers the slot it consumed in `outbox.relay_state`; a slot that existed and then
@@ -28,7 +29,7 @@ pub struct Prepared {
     pub wal_sender_timeout: Duration,
 }
 
-fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
     move |source| {
         if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             SourceError::Definite {
@@ -46,7 +47,7 @@ fn db_message(e: &tokio_postgres::Error) -> String {
         .map_or_else(|| e.to_string(), |db| db.message().to_owned())
 }
 
-fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -303,4 +304,201 @@ pub async fn release_stale_slot(client: &impl GenericClient, slot: &str, stale_a
         ),
         Err(e) => tracing::warn!(slot, pid, error = %e, "cannot terminate the stale slot holder"),
     }
+}
+
+/// The statement-level trigger that wakes a polling relay after every insert into the outbox.
+pub const NOTIFY_TRIGGER: &str = "outbox_relay_notify";
+
+/// What a polling session learned about the outbox table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollingTable {
+    /// `txid` is `xid8` (`DEFAULT pg_current_xact_id()`); otherwise it is a `bigint` written by
+    /// `txid_current()`, the pre-13 spelling of the same 64-bit id.
+    pub txid_is_xid8: bool,
+    /// The payload is `bytea`: published as the bytes, not as text.
+    pub payload_is_bytea: bool,
+    /// The insert trigger that sends `NOTIFY outbox_relay` exists.
+    pub notify_trigger: bool,
+    /// An index leads with the `txid` column, so a poll reads only new rows.
+    pub indexed: bool,
+}
+
+/// How `prepare_polling` may change the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollingSetup {
+    /// `outbox-relay init`: create the trigger and the index, waiting for locks as needed.
+    Init,
+    /// A relay start with `source.create = true`: create the trigger if it can do so without
+    /// holding up the application's writes for long; never build an index.
+    Run,
+    /// Only look (`check`, `source.create = false`).
+    Inspect,
+}
+
+/// How long a starting relay may wait for the lock `CREATE TRIGGER` takes (it conflicts with
+/// inserts, so writers queue behind it while it waits).
+const TRIGGER_LOCK_TIMEOUT: &str = "2s";
+
+/// Checks that the outbox table has every configured column (with usable types for `txid` and
+/// `payload`), and creates the notify trigger and the `(txid, seq)` index as `how` allows.
+pub async fn prepare_polling(
+    client: &impl GenericClient,
+    cfg: &Config,
+    how: PollingSetup,
+) -> Result<PollingTable, SourceError> {
+    let table = table_sql(cfg);
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+             FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table],
+        )
+        .await
+        .map_err(pg("reading the outbox table's columns"))?;
+    if rows.is_empty() {
+        return Err(SourceError::Definite {
+            problem: format!("the outbox table {table} does not exist"),
+            fix: "run `outbox-relay init` (it applies sql/outbox.sql) or set source.table".into(),
+        });
+    }
+    let column_type = |name: &str| -> Option<String> {
+        rows.iter()
+            .find(|r| r.get::<_, &str>(0) == name)
+            .map(|r| r.get::<_, String>(1))
+    };
+    let cols = &cfg.source.columns;
+    let mut txid_type = None;
+    let mut payload_type = None;
+    for (key, name) in [
+        ("id", Some(&cols.id)),
+        ("aggregate_type", Some(&cols.aggregate_type)),
+        ("aggregate_id", Some(&cols.aggregate_id)),
+        ("event_type", Some(&cols.event_type)),
+        ("payload", Some(&cols.payload)),
+        ("headers", cols.headers.as_ref()),
+        ("created_at", cols.created_at.as_ref()),
+        ("seq", cols.seq.as_ref()),
+        ("txid", cols.txid.as_ref()),
+    ] {
+        let Some(name) = name else { continue };
+        let Some(kind) = column_type(name) else {
+            return Err(SourceError::Definite {
+                problem: format!("the outbox table {table} has no column {name:?} (source.columns.{key})"),
+                fix: format!("set source.columns.{key} to the column's name, or add the column (see sql/outbox.sql)"),
+            });
+        };
+        match key {
+            "txid" => txid_type = Some(kind),
+            "payload" => payload_type = Some(kind),
+            _ => {}
+        }
+    }
+    let txid_is_xid8 = match txid_type.as_deref() {
+        Some("xid8") => true,
+        Some("bigint") => false,
+        other => {
+            return Err(SourceError::Definite {
+                problem: format!(
+                    "the txid column of {table} has type {}; polling needs the writing transaction's id",
+                    other.unwrap_or("(none)")
+                ),
+                fix: "make it xid8 NOT NULL DEFAULT pg_current_xact_id() (or bigint DEFAULT txid_current()), as in sql/outbox.sql".into(),
+            })
+        }
+    };
+    let txid = quote_ident(cols.txid.as_deref().unwrap_or_default());
+    let seq = quote_ident(cols.seq.as_deref().unwrap_or_default());
+
+    let mut notify_trigger = trigger_exists(client, &table).await?;
+    if !notify_trigger && how != PollingSetup::Inspect {
+        let create = format!(
+            "CREATE TRIGGER {NOTIFY_TRIGGER} AFTER INSERT ON {table} \
+             FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_relay()"
+        );
+        let sql = match how {
+            PollingSetup::Run => {
+                format!(
+                    "BEGIN; SET LOCAL lock_timeout = '{TRIGGER_LOCK_TIMEOUT}'; {create}; COMMIT"
+                )
+            }
+            _ => format!("BEGIN; {create}; COMMIT"),
+        };
+        match client.batch_execute(&sql).await {
+            Ok(()) => {
+                tracing::info!(table = %table, "created the trigger that wakes the relay on insert");
+                notify_trigger = true;
+            }
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                if e.code() == Some(&SqlState::DUPLICATE_OBJECT) {
+                    notify_trigger = true;
+                } else if how == PollingSetup::Init {
+                    return Err(pg("creating the notify trigger")(e));
+                } else {
+                    tracing::warn!(
+                        table = %table,
+                        error = %db_message(&e),
+                        "cannot create the notify trigger; polling every source.poll_interval instead (run `outbox-relay init` in polling mode as the table owner)"
+                    );
+                }
+            }
+        }
+    }
+
+    let mut indexed =
+        txid_index_exists(client, &table, cols.txid.as_deref().unwrap_or_default()).await?;
+    if !indexed && how == PollingSetup::Init {
+        let (_, name) = cfg.source.table_parts();
+        let index = quote_ident(&format!("{name}_relay_poll_idx"));
+        client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS {index} ON {table} ({txid}, {seq})"
+            ))
+            .await
+            .map_err(pg("creating the (txid, seq) index"))?;
+        indexed = true;
+    }
+    if !indexed && how == PollingSetup::Run {
+        tracing::warn!(
+            table = %table,
+            "no index leads with the txid column: every poll scans the outbox table (run `outbox-relay init` in polling mode, or CREATE INDEX ON the table ({txid}, {seq}))"
+        );
+    }
+    Ok(PollingTable {
+        txid_is_xid8,
+        payload_is_bytea: payload_type.as_deref() == Some("bytea"),
+        notify_trigger,
+        indexed,
+    })
+}
+
+/// Whether the notify trigger exists on `table` (a catalog look-up: takes no table lock).
+async fn trigger_exists(client: &impl GenericClient, table: &str) -> Result<bool, SourceError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2)",
+            &[&table, &NOTIFY_TRIGGER],
+        )
+        .await
+        .map_err(pg("looking up the notify trigger"))?
+        .get(0))
+}
+
+/// Whether an index on `table` has `txid` as its first column.
+async fn txid_index_exists(
+    client: &impl GenericClient,
+    table: &str,
+    txid: &str,
+) -> Result<bool, SourceError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+             WHERE i.indrelid = to_regclass($1) AND a.attname = $2)",
+            &[&table, &txid],
+        )
+        .await
+        .map_err(pg("looking up the outbox table's indexes"))?
+        .get(0))
 }

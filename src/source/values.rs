@@ -11,6 +11,21 @@ pub fn pg_micros_to_unix_ms(pg_micros: i64) -> i64 {
     (pg_micros + PG_EPOCH_UNIX_MICROS).div_euclid(1000)
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The monotonic instant matching a wall-clock time (ms since the Unix epoch), for latency
+/// measurements.
+pub fn instant_of(unix_ms: i64) -> std::time::Instant {
+    let age = std::time::Duration::from_millis(unix_ms_now().saturating_sub(unix_ms).max(0) as u64);
+    let now = std::time::Instant::now();
+    now.checked_sub(age).unwrap_or(now)
+}
+
 /// Parses `timestamptz` text (`2026-11-22 01:02:03.123456+00`, ISO `T` separator and
 /// `+05:30` offsets too) into milliseconds since the Unix epoch. `None` for anything else
 /// (`infinity`, BC dates): the caller falls back to the commit time.
