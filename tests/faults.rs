@@ -495,3 +495,83 @@ fn chaos_loses_nothing() {
     println!("chaos: {} committed, {distinct} distinct published, {missing} missing, {duplicates} duplicates", committed.len());
     assert_eq!(missing, 0, "zero lost; log:\n{}", relay.log());
 }
+
+/// Produce requests failing on the broker (an out-of-order sequence for the idempotent
+/// producer, then dropped connections), injected with librdkafka's mock cluster: whatever
+/// the producer does about them (retry, or a fatal error that rebuilds it), nothing is lost.
+#[test]
+fn injected_produce_errors_lose_nothing() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let pg = ThrowawayPostgres::start().expect("postgres starts");
+    pg.psql("postgres", include_str!("../sql/outbox.sql"))
+        .unwrap();
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("outbox.event.order", 3, 1).unwrap();
+    mock.create_topic("outbox.dead-letter", 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let http = free_port().unwrap();
+    let config = relay_config(
+        &pg.url("postgres"),
+        &brokers,
+        "outbox_relay",
+        "outbox_relay",
+        http,
+    );
+    let relay = Relay::start(&config, &[("OUTBOX_RELAY_KAFKA_CREATE_TOPICS", "false")]);
+    let publish = |from: u32, to: u32| {
+        pg.psql(
+            "postgres",
+            &format!(
+                "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+                 SELECT 'order', 'agg-' || (g % 10), 'E', jsonb_build_object('n', g) \
+                 FROM generate_series({from}, {to}) g ORDER BY g"
+            ),
+        )
+        .unwrap();
+    };
+    wait_until(Duration::from_secs(60), "the relay streams", || {
+        pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_replication_slots WHERE active",
+        )
+        .unwrap()
+            == "1"
+    });
+    publish(0, 499);
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__TRANSPORT,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__TRANSPORT,
+        ],
+    );
+    publish(500, 1_999);
+    let mut ids = HashSet::new();
+    let mut counted = 0;
+    let records = consume(
+        &brokers,
+        &["outbox.event.order"],
+        |r| {
+            for rec in &r[counted..] {
+                ids.extend(rec.header("id"));
+            }
+            counted = r.len();
+            ids.len() >= 2_000
+        },
+        Duration::from_secs(120),
+    );
+    let (distinct, duplicates) = check_records(&records);
+    println!(
+        "injected produce errors: {distinct} distinct of 2000, {duplicates} duplicates, publish errors: {:?}",
+        http_get(http, "/metrics").ok().map(|(_, m)| m
+            .lines()
+            .filter(|l| l.starts_with("outbox_relay_publish_errors_total{") && !l.ends_with(" 0"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>())
+    );
+    assert_eq!(distinct, 2_000, "zero lost; log:\n{}", relay.log());
+}
