@@ -27,7 +27,9 @@
 //!    PyPI's `confluent-kafka`, what a user would script instead (skipped, with the reason,
 //!    when wal2json or confluent-kafka cannot be installed).
 //!
-//! It prints a table and then one JSON line. Progress goes to stderr. Run under `cargo test`
+//! It prints a table and then one JSON line. Progress goes to stderr. With
+//! `RELAY_BENCH_KEEP_LOGS=1` the relay's config and log directories (`/tmp/relay-bench-*`)
+//! are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is printed. Run under `cargo test`
 //! or `cargo nextest` (no `--bench` argument) it does nothing: it is not a test.
 
 use std::collections::BTreeMap;
@@ -72,28 +74,27 @@ const AGGREGATES: u64 = 10_000;
 /// How often a drain looks at the relay's `/metrics`.
 const SCRAPE_EVERY: Duration = Duration::from_millis(25);
 /// Connections of the paced writer in the latency run.
-const WRITER_CONNECTIONS: u64 = 8;
+const WRITER_CONNECTIONS: u64 = 4;
 
 /// The event shape, server side: a ~110-byte JSON payload and one extra header (`trace_id`),
 /// so every record carries 5 headers (`id`, `event_type`, `aggregate_type`, `pg_lsn`,
 /// `trace_id`). `bench.fill` writes a backlog of `total` events, `per_tx` per transaction.
+/// (The expressions are written out rather than put in SQL functions: an inlined SQL function
+/// is parsed again whenever the statement is planned, which made the 1-per-transaction
+/// backlog three times slower to write.)
 const BENCH_SQL: &str = r#"
 CREATE SCHEMA IF NOT EXISTS bench;
-CREATE OR REPLACE FUNCTION bench.payload(g bigint) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
-    SELECT jsonb_build_object('order_id', g, 'customer_id', 'customer-' || (g % 1000),
-        'amount', round((g % 100000) / 100.0, 2), 'currency', 'EUR', 'items', g % 7 + 1,
-        'status', 'placed')
-$$;
-CREATE OR REPLACE FUNCTION bench.headers(g bigint) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
-    SELECT jsonb_build_object('trace_id', md5(g::text))
-$$;
 CREATE OR REPLACE PROCEDURE bench.fill(total bigint, per_tx bigint) LANGUAGE plpgsql AS $$
 DECLARE
     i bigint := 0;
 BEGIN
     WHILE i < total LOOP
         INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload, headers)
-        SELECT 'order', (g % 10000)::text, 'OrderPlaced', bench.payload(g), bench.headers(g)
+        SELECT 'order', (g % 10000)::text, 'OrderPlaced',
+            jsonb_build_object('order_id', g, 'customer_id', 'customer-' || (g % 1000),
+                'amount', round((g % 100000) / 100.0, 2), 'currency', 'EUR',
+                'items', g % 7 + 1, 'status', 'placed'),
+            jsonb_build_object('trace_id', md5(g::text))
         FROM generate_series(i, least(i + per_tx, total) - 1) AS g;
         COMMIT;
         i := i + per_tx;
@@ -102,10 +103,11 @@ END
 $$;
 "#;
 
-/// One paced event, one transaction (autocommit).
+/// One paced event, one transaction (autocommit); the values are formatted client side, as
+/// an application would, by [`event_fields`].
 const INSERT_ONE: &str = "INSERT INTO outbox.events \
     (aggregate_type, aggregate_id, event_type, payload, headers) \
-    VALUES ('order', ($1::bigint % 10000)::text, 'OrderPlaced', bench.payload($1), bench.headers($1))";
+    VALUES ('order', $1::text, 'OrderPlaced', $2::text::jsonb, $3::text::jsonb)";
 
 /// The peer's producer: wal2json (format-version 2, one change per line) on stdin, one
 /// record per inserted outbox row, the relay's record shape and librdkafka settings.
@@ -184,6 +186,9 @@ struct Opts {
     events: u64,
     latency_rate: u64,
     latency_secs: u64,
+    /// `--only PARTS`: run just these parts (while iterating), a comma-separated list of
+    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four) and `latency`.
+    only: Option<Vec<String>>,
 }
 
 impl Opts {
@@ -194,6 +199,7 @@ impl Opts {
             events: if quick { 50_000 } else { 1_000_000 },
             latency_rate: 5_000,
             latency_secs: if quick { 10 } else { 30 },
+            only: None,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -208,6 +214,22 @@ impl Opts {
                 "--events" => opts.events = value("--events")?.max(1000),
                 "--latency-secs" => opts.latency_secs = value("--latency-secs")?.max(1),
                 "--latency-rate" => opts.latency_rate = value("--latency-rate")?.max(1),
+                "--only" => {
+                    let parts: Vec<String> = it
+                        .next()
+                        .ok_or_else(|| anyhow!("--only needs a value"))?
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect();
+                    for part in &parts {
+                        if !["100", "10", "1", "big", "backlogs", "latency"]
+                            .contains(&part.as_str())
+                        {
+                            bail!("--only takes a list of 100, 10, 1, big, backlogs, latency");
+                        }
+                    }
+                    opts.only = Some(parts);
+                }
                 _ => {}
             }
         }
@@ -223,8 +245,17 @@ struct Drain {
     secs: f64,
     /// Spawn to the last acknowledgement counted in `/metrics`.
     acked_secs: f64,
+    /// Spawn to the first acknowledgement seen in `/metrics` (start-up: connections, slot,
+    /// topic metadata).
+    first_ack_secs: f64,
     cpu_secs: f64,
     peak_rss_kb: u64,
+    /// Cores busy machine-wide during the drain (Postgres, tansu, the relay and anything
+    /// else running): near the core count, the machine was the limit.
+    host_cores: f64,
+    /// Of those, cores busy with processes that are not the bench's (not the bench, the
+    /// relay, tansu or the Postgres cluster): other work on a shared machine.
+    other_cores: f64,
 }
 
 impl Drain {
@@ -250,12 +281,25 @@ struct Shape {
 struct Rate {
     events: u64,
     secs: f64,
+    /// CPU seconds of the bench process meanwhile (the null consumer's or the producer's
+    /// own cost; the peer's is not measured).
+    cpu_secs: f64,
 }
 
 impl Rate {
     fn eps(&self) -> f64 {
         self.events as f64 / self.secs
     }
+    fn cpu_us_per_event(&self) -> f64 {
+        self.cpu_secs * 1e6 / self.events as f64
+    }
+}
+
+/// CPU seconds of this process so far (all threads).
+fn own_cpu_secs() -> f64 {
+    static CLK_TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let tck = *CLK_TCK.get_or_init(clock_ticks);
+    proc_cpu_ticks(std::process::id()).map_or(f64::NAN, |t| t as f64 / tck)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -269,6 +313,15 @@ struct Latency {
     writer_max_late_ms: f64,
     cpu_us_per_event: f64,
     peak_rss_kb: u64,
+    /// The null consumer's commit-to-decoded latency at the same rate (exact, not bucketed).
+    floor: Option<Floor>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Floor {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -318,23 +371,37 @@ fn run(opts: &Opts) -> Result<()> {
         url: &url,
         tansu_bin: &tansu_bin,
         clk_tck,
+        postmaster: fs::read_to_string(pg.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse().ok()),
     };
 
-    let peer_setup = setup_peer(&pg);
+    let runs = |part: &str| {
+        opts.only.as_ref().is_none_or(|only| {
+            only.iter()
+                .any(|o| o == part || (o == "backlogs" && part != "latency"))
+        })
+    };
+    let peer_setup = if runs("100") {
+        setup_peer(&pg)
+    } else {
+        Err("not run (--only)".to_string())
+    };
     if let Err(why) = &peer_setup {
         eprintln!("[bench] peer skipped: {why}");
     }
 
     // 100 events per transaction: decode ceiling, broker ceiling, relay, peer, on one WAL.
     let mut shapes = Vec::new();
-    let mut peer = Peer::Skipped(String::new());
-    let mut broker = Rate::default();
-    for (per_tx, tag, label) in [
+    let mut peer = Peer::Skipped(peer_setup.clone().err().unwrap_or_default());
+    let mut broker = None;
+    let backlogs = [
         (100, "100", "100 / tx"),
         (10, "10", "10 / tx"),
         (1, "1", "1 / tx"),
         (n, "big", "1 tx of N"),
-    ] {
+    ];
+    for (per_tx, tag, label) in backlogs.into_iter().filter(|b| runs(b.1)) {
         let with_peer = per_tx == 100 && peer_setup.is_ok();
         let slots = Slots::create(&env, tag, with_peer)?;
         eprintln!("[bench] writing {n} events, {per_tx} per transaction");
@@ -353,12 +420,13 @@ fn run(opts: &Opts) -> Result<()> {
         );
         if per_tx == 100 {
             let tansu = Tansu::start(&env)?;
-            broker = broker_ceiling(&tansu, n)?;
+            let rate = broker_ceiling(&tansu, n)?;
             eprintln!(
                 "[bench]   broker ceiling: {:.0} events/s ({:.2} s)",
-                broker.eps(),
-                broker.secs
+                rate.eps(),
+                rate.secs
             );
+            broker = Some(rate);
         }
         let relay = {
             let tansu = Tansu::start(&env)?;
@@ -387,8 +455,6 @@ fn run(opts: &Opts) -> Result<()> {
                 ),
                 Peer::Skipped(why) => eprintln!("[bench]   peer skipped: {why}"),
             }
-        } else if per_tx == 100 {
-            peer = Peer::Skipped(peer_setup.clone().err().unwrap_or_default());
         }
         slots.drop_all(&env)?;
         pg.psql(DB, "TRUNCATE outbox.events")?;
@@ -401,20 +467,31 @@ fn run(opts: &Opts) -> Result<()> {
         });
     }
 
-    eprintln!(
-        "[bench] latency: {} events/s, 1 event per transaction, {} s",
-        opts.latency_rate, opts.latency_secs
-    );
-    let latency = {
+    let latency = if runs("latency") {
+        eprintln!(
+            "[bench] latency: {} events/s, 1 event per transaction, {} s",
+            opts.latency_rate, opts.latency_secs
+        );
+        let floor = latency_floor(&env, opts)?;
+        eprintln!(
+            "[bench]   null consumer: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            floor.p50_ms, floor.p99_ms, floor.max_ms
+        );
         let tansu = Tansu::start(&env)?;
-        latency_run(&env, &tansu, opts)?
+        let latency = Latency {
+            floor: Some(floor),
+            ..latency_run(&env, &tansu, opts)?
+        };
+        eprintln!(
+            "[bench]   relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+            latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
+        );
+        Some(latency)
+    } else {
+        None
     };
-    eprintln!(
-        "[bench]   p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
-        latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
-    );
 
-    report(opts, &shapes, broker, &peer, &latency);
+    report(opts, &shapes, broker, &peer, latency.as_ref());
     Ok(())
 }
 
@@ -426,6 +503,8 @@ struct Env<'a> {
     url: &'a str,
     tansu_bin: &'a Path,
     clk_tck: f64,
+    /// The Postgres cluster's postmaster, whose children are the cluster's processes.
+    postmaster: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -614,6 +693,7 @@ async fn null_consume(
         .ok_or_else(|| anyhow!("slot {slot} missing"))?;
     let start = Lsn::from_u64(start);
     let t0 = Instant::now();
+    let cpu0 = own_cpu_secs();
     let repl = replication_config(&cfg)
         .map_err(|e| anyhow!("replication config: {e}"))?
         .with_start_lsn(start)
@@ -657,11 +737,13 @@ async fn null_consume(
         }
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu_secs = own_cpu_secs() - cpu0;
     std::hint::black_box(checksum);
     let _ = stream.shutdown().await;
     Ok(Rate {
         events: inserts,
         secs,
+        cpu_secs,
     })
 }
 
@@ -697,6 +779,7 @@ fn broker_ceiling(tansu: &Tansu, n: u64) -> Result<Rate> {
     let acked = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
+    let cpu0 = own_cpu_secs();
     let producer: ThreadedProducer<CountingContext> = client_config(&kafka)
         .create_with_context(CountingContext {
             acked: Arc::clone(&acked),
@@ -713,15 +796,7 @@ fn broker_ceiling(tansu: &Tansu, n: u64) -> Result<Rate> {
         value.clear();
         id.clear();
         trace.clear();
-        let _ = write!(key, "{}", g % AGGREGATES);
-        let _ = write!(
-            value,
-            r#"{{"items": {}, "amount": {}.{:02}, "status": "placed", "currency": "EUR", "order_id": {g}, "customer_id": "customer-{}"}}"#,
-            g % 7 + 1,
-            (g % 100_000) / 100,
-            g % 100,
-            g % 1000
-        );
+        event_fields(g, &mut key, &mut value, &mut trace);
         let _ = write!(
             id,
             "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
@@ -730,12 +805,6 @@ fn broker_ceiling(tansu: &Tansu, n: u64) -> Result<Rate> {
             g % 0xfff,
             g % 0xfff,
             g.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16
-        );
-        let _ = write!(
-            trace,
-            "{:016x}{:016x}",
-            g.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            g.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
         );
         let headers = OwnedHeaders::new_with_capacity(5)
             .insert(Header {
@@ -789,7 +858,31 @@ fn broker_ceiling(tansu: &Tansu, n: u64) -> Result<Rate> {
     if failed > 0 {
         bail!("{failed} of {n} records failed");
     }
-    Ok(Rate { events: n, secs })
+    Ok(Rate {
+        events: n,
+        secs,
+        cpu_secs: own_cpu_secs() - cpu0,
+    })
+}
+
+/// Event `g` as `bench.fill` makes it server side: the key, the JSON payload
+/// (as jsonb prints it) and a 32-hex-digit trace id.
+fn event_fields(g: u64, key: &mut String, value: &mut String, trace: &mut String) {
+    let _ = write!(key, "{}", g % AGGREGATES);
+    let _ = write!(
+        value,
+        r#"{{"items": {}, "amount": {}.{:02}, "status": "placed", "currency": "EUR", "order_id": {g}, "customer_id": "customer-{}"}}"#,
+        g % 7 + 1,
+        (g % 100_000) / 100,
+        g % 100,
+        g % 1000
+    );
+    let _ = write!(
+        trace,
+        "{:016x}{:016x}",
+        g.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        g.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -806,7 +899,10 @@ struct RelayProc {
 
 impl RelayProc {
     fn start(env: &Env<'_>, tansu: &Tansu, slot: &str) -> Result<RelayProc> {
-        let dir = tempfile::Builder::new().prefix("relay-bench-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("relay-bench-")
+            .disable_cleanup(std::env::var_os("RELAY_BENCH_KEEP_LOGS").is_some())
+            .tempdir()?;
         let http_port = free_port()?;
         let config = dir.path().join("relay.toml");
         fs::write(
@@ -876,8 +972,12 @@ impl RelayProc {
 fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Result<Drain> {
     let t0 = Instant::now();
     let mut relay = RelayProc::start(env, tansu, slot)?;
+    let own = [std::process::id(), relay.proc.id(), tansu._proc.id()];
+    let cpu0 = CpuSnapshot::take(&own, env.postmaster);
     let deadline = t0 + Duration::from_secs(120 + n / 1000);
     let mut acked_secs = None;
+    let mut first_ack_secs = None;
+    let trace = std::env::var_os("RELAY_BENCH_TRACE").is_some();
     loop {
         relay.check_alive()?;
         if Instant::now() >= deadline {
@@ -889,7 +989,21 @@ fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Re
         match acked_secs {
             None => {
                 std::thread::sleep(SCRAPE_EVERY);
-                let published = relay.metrics().map_or(0, |m| published(&m));
+                let metrics = relay.metrics();
+                let published = metrics.as_deref().map_or(0, published);
+                if trace {
+                    let m = metrics.as_deref().unwrap_or("");
+                    eprintln!(
+                        "[bench]     {:>7.3} s: {published} published, {} in flight, {} queued, lag {} bytes",
+                        t0.elapsed().as_secs_f64(),
+                        gauge(m, "outbox_relay_inflight_events").unwrap_or(f64::NAN),
+                        gauge(m, "outbox_relay_producer_queue_depth").unwrap_or(f64::NAN),
+                        gauge(m, "outbox_relay_replication_lag_bytes").unwrap_or(f64::NAN),
+                    );
+                }
+                if published > 0 && first_ack_secs.is_none() {
+                    first_ack_secs = Some(t0.elapsed().as_secs_f64());
+                }
                 if published >= n {
                     acked_secs = Some(t0.elapsed().as_secs_f64());
                 }
@@ -902,8 +1016,18 @@ fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Re
                         events: n,
                         secs,
                         acked_secs,
+                        first_ack_secs: first_ack_secs.unwrap_or(acked_secs),
                         cpu_secs: relay.cpu_secs(env.clk_tck),
                         peak_rss_kb: relay.peak_rss_kb(),
+                        host_cores: 0.0,
+                        other_cores: 0.0,
+                    };
+                    let (host_cores, other_cores) =
+                        CpuSnapshot::take(&own, env.postmaster).since(&cpu0);
+                    let drain = Drain {
+                        host_cores,
+                        other_cores,
+                        ..drain
                     };
                     relay.stop();
                     return Ok(drain);
@@ -917,6 +1041,93 @@ fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Re
 // ---------------------------------------------------------------------------------------------
 // 4. Latency
 // ---------------------------------------------------------------------------------------------
+
+/// The latency floor: a null consumer following the paced writer on its own slot, the time
+/// from each transaction's commit timestamp to its `Commit` decoded here.
+fn latency_floor(env: &Env<'_>, opts: &Opts) -> Result<Floor> {
+    let slot = "bench_null_latency";
+    env.pg.psql(
+        DB,
+        &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+    )?;
+    let rate = opts.latency_rate;
+    let warm = rate * 2;
+    let count = rate * opts.latency_secs;
+    let mut latencies = env.rt.block_on(async {
+        let follower = tokio::spawn(null_follow(
+            env.url.to_owned(),
+            slot.to_owned(),
+            warm + count,
+        ));
+        paced_write(env.url.to_owned(), rate, warm + count, 0)
+            .await
+            .context("paced writer")?;
+        follower.await.context("null consumer panicked")?
+    })?;
+    drop_slot(env, slot)?;
+    env.pg.psql(DB, "TRUNCATE outbox.events")?;
+    let mut measured = latencies.split_off((warm as usize).min(latencies.len()));
+    measured.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        measured
+            .get(((measured.len() as f64 * q) as usize).min(measured.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Floor {
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: measured.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// Follows `slot` like [`null_consume`] until `n` inserts, returning each transaction's
+/// commit-to-decoded latency in ms (one entry per insert).
+async fn null_follow(url: String, slot: String, n: u64) -> Result<Vec<f64>> {
+    /// Seconds from the Unix epoch to the PostgreSQL epoch (2000-01-01).
+    const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+    let toml = relay_toml(&url, &slot, "127.0.0.1:9", 9);
+    let cfg = Config::from_parts(Some(&toml), Vec::<(String, String)>::new())
+        .map_err(|e| anyhow!("bench config: {e}"))?;
+    let repl = replication_config(&cfg)
+        .map_err(|e| anyhow!("replication config: {e}"))?
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(1));
+    let mut stream = ReplicationClient::connect(repl).await?;
+    stream.wait_started().await?;
+    let mut latencies = Vec::with_capacity(n as usize);
+    let mut inserts_in_tx = 0usize;
+    while (latencies.len() as u64) < n {
+        let event = stream
+            .recv()
+            .await?
+            .ok_or_else(|| anyhow!("the replication stream ended"))?;
+        match event {
+            ReplicationEvent::XLogData { data, .. } => {
+                let message =
+                    pgoutput::decode(&data).map_err(|e| anyhow!("pgoutput decode: {e:?}"))?;
+                if let Message::Insert { new, .. } = message {
+                    std::hint::black_box(new.iter().count());
+                    inserts_in_tx += 1;
+                }
+            }
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                let now = unix_micros();
+                let ms = (now - (commit_time_micros + PG_EPOCH_UNIX_MICROS)) as f64 / 1e3;
+                latencies.extend(std::iter::repeat_n(ms, inserts_in_tx));
+                inserts_in_tx = 0;
+                stream.update_applied_lsn(end_lsn);
+            }
+            _ => {}
+        }
+    }
+    let _ = stream.shutdown().await;
+    Ok(latencies)
+}
 
 fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency> {
     let slot = "bench_relay_latency";
@@ -943,7 +1154,7 @@ fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency> {
     // Warm-up (topic metadata, connections), not measured.
     let warm = rate * 2;
     env.rt
-        .block_on(paced_write(env.url, rate, warm, 0))
+        .block_on(paced_write(env.url.to_owned(), rate, warm, 0))
         .context("warm-up writer")?;
     wait_published(&mut relay, warm)?;
     let before = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
@@ -951,7 +1162,36 @@ fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency> {
     let count = rate * opts.latency_secs;
     let writer = env
         .rt
-        .block_on(paced_write(env.url, rate, count, warm as i64))
+        .spawn(paced_write(env.url.to_owned(), rate, count, warm));
+    // Once a second: what the relay published and the mean latency of that second.
+    let mut last = (
+        Instant::now(),
+        published(&before),
+        histogram_sum_count(&before),
+    );
+    while !writer.is_finished() {
+        std::thread::sleep(Duration::from_millis(200));
+        if last.0.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        relay.check_alive()?;
+        if let Some(m) = relay.metrics() {
+            let now = (Instant::now(), published(&m), histogram_sum_count(&m));
+            let (sum, cnt) = (now.2 .0 - last.2 .0, now.2 .1 - last.2 .1);
+            eprintln!(
+                "[bench]   {:>6.0} published/s, mean latency {:>8.2} ms, lag {} bytes, {} in flight",
+                (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64(),
+                if cnt > 0.0 { sum / cnt * 1e3 } else { f64::NAN },
+                gauge(&m, "outbox_relay_replication_lag_bytes").unwrap_or(f64::NAN),
+                gauge(&m, "outbox_relay_inflight_events").unwrap_or(f64::NAN),
+            );
+            last = now;
+        }
+    }
+    let writer = env
+        .rt
+        .block_on(writer)
+        .context("paced writer panicked")?
         .context("paced writer")?;
     wait_published(&mut relay, warm + count)?;
     let cpu = relay.cpu_secs(env.clk_tck) - cpu_before;
@@ -988,6 +1228,7 @@ fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency> {
         writer_max_late_ms: writer.max_late_ms,
         cpu_us_per_event: cpu * 1e6 / count as f64,
         peak_rss_kb,
+        floor: None,
     })
 }
 
@@ -1017,10 +1258,10 @@ struct WriterStats {
 /// `count` events at `rate` per second, one per transaction, spread round-robin over
 /// [`WRITER_CONNECTIONS`] connections; event `e` is due at `start + e / rate` (a late
 /// connection catches up).
-async fn paced_write(url: &str, rate: u64, count: u64, first: i64) -> Result<WriterStats> {
+async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Result<WriterStats> {
     let mut clients = Vec::new();
     for _ in 0..WRITER_CONNECTIONS {
-        let client = connect(url).await?;
+        let client = connect(&url).await?;
         let stmt = client.prepare(INSERT_ONE).await?;
         clients.push((client, stmt));
     }
@@ -1034,9 +1275,13 @@ async fn paced_write(url: &str, rate: u64, count: u64, first: i64) -> Result<Wri
             while e < count {
                 let due = start + Duration::from_nanos(e * 1_000_000_000 / rate);
                 tokio::time::sleep_until(due).await;
+                let g = first + e;
+                let (mut key, mut value, mut trace) = (String::new(), String::new(), String::new());
+                event_fields(g, &mut key, &mut value, &mut trace);
+                let headers = format!(r#"{{"trace_id": "{trace}"}}"#);
                 let sent = tokio::time::Instant::now();
                 max_late = max_late.max(sent - due);
-                client.execute(&stmt, &[&(first + e as i64)]).await?;
+                client.execute(&stmt, &[&key, &value, &headers]).await?;
                 commits.push(sent.elapsed());
                 e += WRITER_CONNECTIONS;
             }
@@ -1241,7 +1486,11 @@ fn run_peer(
         bail!("the peer delivered {delivered} of {n} records ({failed} failed):\n{peer_log}");
     }
     Ok(Peer::Ran {
-        rate: Rate { events: n, secs },
+        rate: Rate {
+            events: n,
+            secs,
+            cpu_secs: f64::NAN,
+        },
         delivered,
     })
 }
@@ -1457,15 +1706,112 @@ impl Drop for Proc {
     }
 }
 
+/// Machine-wide CPU time from `/proc/stat`, in clock ticks.
+struct HostCpu {
+    busy: u64,
+    total: u64,
+}
+
+/// CPU time of the machine and of the bench's own processes (the bench, the given children,
+/// and the Postgres cluster: the postmaster and its children).
+struct CpuSnapshot {
+    host: HostCpu,
+    own: BTreeMap<u32, u64>,
+}
+
+impl CpuSnapshot {
+    fn take(pids: &[u32], postmaster: Option<u32>) -> CpuSnapshot {
+        let mut own = BTreeMap::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some((ppid, ticks)) = proc_stat(pid) else {
+                continue;
+            };
+            let ours = pids.contains(&pid) || postmaster.is_some_and(|pm| pm == pid || pm == ppid);
+            if ours {
+                own.insert(pid, ticks);
+            }
+        }
+        CpuSnapshot {
+            host: HostCpu::sample(),
+            own,
+        }
+    }
+
+    /// (cores busy machine-wide, cores busy outside the bench's processes) since `earlier`.
+    /// A process of ours that exited in between counts as outside.
+    fn since(&self, earlier: &CpuSnapshot) -> (f64, f64) {
+        let own: u64 = self
+            .own
+            .iter()
+            .map(|(pid, ticks)| ticks.saturating_sub(earlier.own.get(pid).copied().unwrap_or(0)))
+            .sum();
+        let host = self.host.cores_since(&earlier.host);
+        let total = self.host.total.saturating_sub(earlier.host.total);
+        let cores = std::thread::available_parallelism().map_or(1, |p| p.get()) as f64;
+        let own_cores = if total == 0 {
+            f64::NAN
+        } else {
+            own as f64 / total as f64 * cores
+        };
+        (host, (host - own_cores).max(0.0))
+    }
+}
+
+impl HostCpu {
+    fn sample() -> HostCpu {
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let total: u64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        HostCpu {
+            busy: total - idle,
+            total,
+        }
+    }
+
+    /// Cores busy on average since `earlier`.
+    fn cores_since(&self, earlier: &HostCpu) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |p| p.get()) as f64;
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return f64::NAN;
+        }
+        self.busy.saturating_sub(earlier.busy) as f64 / total as f64 * cores
+    }
+}
+
 /// utime + stime of `pid`, in clock ticks.
 fn proc_cpu_ticks(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, ticks)| ticks)
+}
+
+/// The parent pid and utime + stime (clock ticks) of `pid`.
+fn proc_stat(pid: u32) -> Option<(u32, u64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name, from field 3 (state) on.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ppid: u32 = fields.get(1)?.parse().ok()?;
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((ppid, utime + stime))
 }
 
 /// A `kB` line of `/proc/PID/status` (`VmHWM`, `VmRSS`).
@@ -1484,6 +1830,12 @@ fn clock_ticks() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 fn unix_ms() -> i64 {
@@ -1554,6 +1906,22 @@ fn published(metrics: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// A histogram's `_sum` and `_count` (for the latency histogram).
+fn histogram_sum_count(metrics: &str) -> (f64, f64) {
+    let name = "outbox_relay_end_to_end_latency_seconds";
+    (
+        gauge(metrics, &format!("{name}_sum")).unwrap_or(0.0),
+        gauge(metrics, &format!("{name}_count")).unwrap_or(0.0),
+    )
+}
+
+/// The value of an unlabelled sample.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// A histogram's cumulative buckets `(le, count)`, in order, `+Inf` last.
 fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{");
@@ -1607,7 +1975,13 @@ fn bucket_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
 // The report
 // ---------------------------------------------------------------------------------------------
 
-fn report(opts: &Opts, shapes: &[Shape], broker: Rate, peer: &Peer, latency: &Latency) {
+fn report(
+    opts: &Opts,
+    shapes: &[Shape],
+    broker: Option<Rate>,
+    peer: &Peer,
+    latency: Option<&Latency>,
+) {
     let n = opts.events;
     let mb = |kb: u64| kb as f64 / 1024.0;
     let mut out = String::new();
@@ -1619,20 +1993,35 @@ fn report(opts: &Opts, shapes: &[Shape], broker: Rate, peer: &Peer, latency: &La
     );
     let _ = writeln!(
         out,
-        "{:<12} {:>11} {:>11} {:>7} {:>11} {:>11} {:>9} {:>9}",
-        "backlog", "decode/s", "relay/s", "ratio", "relay s", "acked at s", "CPU us/ev", "RSS MB"
+        "{:<10} {:>9} {:>8} {:>9} {:>6} {:>8} {:>9} {:>10} {:>9} {:>8} {:>6} {:>7}",
+        "backlog",
+        "decode/s",
+        "dec us/ev",
+        "relay/s",
+        "ratio",
+        "relay s",
+        "1st ack s",
+        "last ack s",
+        "CPU us/ev",
+        "host CPU",
+        "other",
+        "RSS MB"
     );
     for s in shapes {
         let _ = writeln!(
             out,
-            "{:<12} {:>11.0} {:>11.0} {:>7.3} {:>11.2} {:>11.2} {:>9.2} {:>9.1}",
+            "{:<10} {:>9.0} {:>8.2} {:>9.0} {:>6.3} {:>8.2} {:>9.2} {:>10.2} {:>9.2} {:>8.2} {:>6.2} {:>7.1}",
             s.label,
             s.decode.eps(),
+            s.decode.cpu_us_per_event(),
             s.relay.eps(),
             s.relay.eps() / s.decode.eps(),
             s.relay.secs,
+            s.relay.first_ack_secs,
             s.relay.acked_secs,
             s.relay.cpu_us_per_event(),
+            s.relay.host_cores,
+            s.relay.other_cores,
             mb(s.relay.peak_rss_kb)
         );
     }
@@ -1645,12 +2034,15 @@ fn report(opts: &Opts, shapes: &[Shape], broker: Rate, peer: &Peer, latency: &La
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let _ = writeln!(
-        out,
-        "broker ceiling (rdkafka, relay settings): {:.0} events/s ({:.2} s)",
-        broker.eps(),
-        broker.secs
-    );
+    if let Some(broker) = broker {
+        let _ = writeln!(
+            out,
+            "broker ceiling (rdkafka, relay settings): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
+            broker.eps(),
+            broker.secs,
+            broker.cpu_us_per_event()
+        );
+    }
     match peer {
         Peer::Ran { rate, delivered } => {
             let _ = writeln!(
@@ -1664,19 +2056,28 @@ fn report(opts: &Opts, shapes: &[Shape], broker: Rate, peer: &Peer, latency: &La
             let _ = writeln!(out, "peer: skipped ({why})");
         }
     }
-    let _ = writeln!(
-        out,
-        "latency at {:.0} events/s (1 / tx, {} events, commit -> Kafka ack, bucket-interpolated): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
-        latency.achieved_rate, latency.events, latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
-    );
-    let _ = writeln!(
-        out,
-        "  writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event, peak RSS {:.1} MB",
-        latency.writer_p99_ms,
-        latency.writer_max_late_ms,
-        latency.cpu_us_per_event,
-        mb(latency.peak_rss_kb)
-    );
+    if let Some(latency) = latency {
+        let _ = writeln!(
+            out,
+            "latency at {:.0} events/s (1 / tx, {} events, commit -> Kafka ack, bucket-interpolated): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+            latency.achieved_rate, latency.events, latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
+        );
+        if let Some(floor) = &latency.floor {
+            let _ = writeln!(
+                out,
+                "  floor, a null consumer at the same rate (commit -> decoded, exact): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                floor.p50_ms, floor.p99_ms, floor.max_ms
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event, peak RSS {:.1} MB",
+            latency.writer_p99_ms,
+            latency.writer_max_late_ms,
+            latency.cpu_us_per_event,
+            mb(latency.peak_rss_kb)
+        );
+    }
     print!("{out}");
 
     let find = |per_tx: u64| shapes.iter().find(|s| s.per_tx == per_tx);
@@ -1687,8 +2088,7 @@ fn report(opts: &Opts, shapes: &[Shape], broker: Rate, peer: &Peer, latency: &La
         .iter()
         .filter(|s| s.per_tx <= 100)
         .map(|s| s.relay.peak_rss_kb)
-        .max()
-        .unwrap_or(0);
+        .max();
     let big = shapes.iter().find(|s| s.per_tx > 100);
     let eps_of = |per_tx: u64| find(per_tx).map(|s| s.relay.eps());
     let json = serde_json::json!({
@@ -1696,13 +2096,18 @@ fn report(opts: &Opts, shapes: &[Shape], broker: Rate, peer: &Peer, latency: &La
         "events": n,
         "throughput_eps": throughput,
         "decode_ceiling_eps": decode,
-        "broker_ceiling_eps": broker.eps(),
+        "broker_ceiling_eps": broker.map(|b| b.eps()),
+        "broker_cpu_us_per_event": broker.map(|b| b.cpu_us_per_event()),
+        "decode_cpu_us_per_event": main.map(|s| s.decode.cpu_us_per_event()),
         "ratio": throughput / decode,
-        "latency_p50_ms": latency.p50_ms,
-        "latency_p99_ms": latency.p99_ms,
-        "latency_max_bucket_ms": latency.max_bucket_ms,
-        "latency_rate_eps": latency.achieved_rate,
-        "peak_rss_mb": mb(backlog_rss),
+        "latency_p50_ms": latency.map(|l| l.p50_ms),
+        "latency_p99_ms": latency.map(|l| l.p99_ms),
+        "latency_max_bucket_ms": latency.map(|l| l.max_bucket_ms),
+        "latency_rate_eps": latency.map(|l| l.achieved_rate),
+        "latency_cpu_us_per_event": latency.map(|l| l.cpu_us_per_event),
+        "decode_latency_p50_ms": latency.and_then(|l| l.floor).map(|f| f.p50_ms),
+        "decode_latency_p99_ms": latency.and_then(|l| l.floor).map(|f| f.p99_ms),
+        "peak_rss_mb": backlog_rss.map(mb),
         "big_tx_peak_rss_mb": big.map(|s| mb(s.relay.peak_rss_kb)),
         "big_tx_eps": big.map(|s| s.relay.eps()),
         "peer_eps": match peer { Peer::Ran { rate, .. } => Some(rate.eps()), Peer::Skipped(_) => None },
