@@ -73,6 +73,10 @@ const PARTITIONS: i32 = 3;
 const AGGREGATES: u64 = 10_000;
 /// How often a drain looks at the relay's `/metrics`.
 const SCRAPE_EVERY: Duration = Duration::from_millis(25);
+/// A drain that makes no progress for this long has failed.
+const STALL: Duration = Duration::from_secs(60);
+/// How often the null consumers confirm their position (the relay's tick).
+const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 /// Connections of the paced writer in the latency run.
 const WRITER_CONNECTIONS: u64 = 4;
 
@@ -274,7 +278,8 @@ struct Shape {
     per_tx: u64,
     write_secs: f64,
     decode: Rate,
-    relay: Drain,
+    /// The drain, or why it failed (the other measurements still run).
+    relay: std::result::Result<Drain, String>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -430,16 +435,19 @@ fn run(opts: &Opts) -> Result<()> {
         }
         let relay = {
             let tansu = Tansu::start(&env)?;
-            drain_relay(&env, &tansu, &slots.relay, n, end)?
+            drain_relay(&env, &tansu, &slots.relay, n, end).map_err(|e| format!("{e:#}"))
         };
-        eprintln!(
-            "[bench]   relay: {:.0} events/s ({:.2} s; last ack at {:.2} s), {:.2} us CPU/event, peak RSS {:.1} MB",
-            relay.eps(),
-            relay.secs,
-            relay.acked_secs,
-            relay.cpu_us_per_event(),
-            relay.peak_rss_kb as f64 / 1024.0
-        );
+        match &relay {
+            Ok(relay) => eprintln!(
+                "[bench]   relay: {:.0} events/s ({:.2} s; last ack at {:.2} s), {:.2} us CPU/event, peak RSS {:.1} MB",
+                relay.eps(),
+                relay.secs,
+                relay.acked_secs,
+                relay.cpu_us_per_event(),
+                relay.peak_rss_kb as f64 / 1024.0
+            ),
+            Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
+        }
         if with_peer {
             let tansu = Tansu::start(&env)?;
             let python = peer_setup.as_ref().expect("peer is set up");
@@ -704,6 +712,7 @@ async fn null_consume(
     stream.wait_started().await?;
     let mut inserts = 0u64;
     let mut checksum = 0usize;
+    let mut last_confirm = Instant::now();
     loop {
         let event = stream
             .recv()
@@ -721,7 +730,13 @@ async fn null_consume(
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
-                stream.update_applied_lsn(end_lsn);
+                // Confirm like the relay does, at most every 50 ms: raising the applied LSN
+                // wakes the replication worker, which at one event per transaction would
+                // cost more than the decoding.
+                if last_confirm.elapsed() >= CONFIRM_EVERY {
+                    stream.update_applied_lsn(end_lsn);
+                    last_confirm = Instant::now();
+                }
                 if inserts >= n {
                     if end_lsn.as_u64() > end {
                         bail!(
@@ -946,6 +961,19 @@ impl RelayProc {
         Ok(())
     }
 
+    /// The relay's WARN and ERROR lines (the last ten), or its log tail if it has none.
+    fn warnings(&self) -> String {
+        let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        if lines.is_empty() {
+            return self.log_tail();
+        }
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
     fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -977,6 +1005,8 @@ fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Re
     let deadline = t0 + Duration::from_secs(120 + n / 1000);
     let mut acked_secs = None;
     let mut first_ack_secs = None;
+    // Progress: (published, when it last grew).
+    let mut progress = (0, Instant::now());
     let trace = std::env::var_os("RELAY_BENCH_TRACE").is_some();
     loop {
         relay.check_alive()?;
@@ -1003,6 +1033,27 @@ fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Re
                 }
                 if published > 0 && first_ack_secs.is_none() {
                     first_ack_secs = Some(t0.elapsed().as_secs_f64());
+                }
+                // A reconnect is a fault: the drain would resend and its numbers mean nothing.
+                let reconnects = metrics
+                    .as_deref()
+                    .and_then(|m| gauge(m, "outbox_relay_source_reconnects_total"))
+                    .unwrap_or(0.0);
+                if reconnects > 0.0 {
+                    let warnings = relay.warnings();
+                    relay.stop();
+                    bail!(
+                        "the relay's source reconnected mid-drain ({published} of {n} published); its warnings:\n{warnings}"
+                    );
+                }
+                if published > progress.0 {
+                    progress = (published, Instant::now());
+                } else if progress.1.elapsed() > STALL {
+                    let warnings = relay.warnings();
+                    relay.stop();
+                    bail!(
+                        "the relay published nothing for {STALL:?} ({published} of {n}); its warnings:\n{warnings}"
+                    );
                 }
                 if published >= n {
                     acked_secs = Some(t0.elapsed().as_secs_f64());
@@ -1031,6 +1082,13 @@ fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Re
                     };
                     relay.stop();
                     return Ok(drain);
+                }
+                if t0.elapsed().as_secs_f64() > acked_secs + STALL.as_secs_f64() {
+                    let warnings = relay.warnings();
+                    relay.stop();
+                    bail!(
+                        "the slot was not confirmed past the backlog within {STALL:?} of the last ack; the relay's warnings:\n{warnings}"
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -1097,6 +1155,7 @@ async fn null_follow(url: String, slot: String, n: u64) -> Result<Vec<f64>> {
     stream.wait_started().await?;
     let mut latencies = Vec::with_capacity(n as usize);
     let mut inserts_in_tx = 0usize;
+    let mut last_confirm = Instant::now();
     while (latencies.len() as u64) < n {
         let event = stream
             .recv()
@@ -1120,7 +1179,10 @@ async fn null_follow(url: String, slot: String, n: u64) -> Result<Vec<f64>> {
                 let ms = (now - (commit_time_micros + PG_EPOCH_UNIX_MICROS)) as f64 / 1e3;
                 latencies.extend(std::iter::repeat_n(ms, inserts_in_tx));
                 inserts_in_tx = 0;
-                stream.update_applied_lsn(end_lsn);
+                if last_confirm.elapsed() >= CONFIRM_EVERY {
+                    stream.update_applied_lsn(end_lsn);
+                    last_confirm = Instant::now();
+                }
             }
             _ => {}
         }
@@ -2008,22 +2070,36 @@ fn report(
         "RSS MB"
     );
     for s in shapes {
-        let _ = writeln!(
-            out,
-            "{:<10} {:>9.0} {:>8.2} {:>9.0} {:>6.3} {:>8.2} {:>9.2} {:>10.2} {:>9.2} {:>8.2} {:>6.2} {:>7.1}",
-            s.label,
-            s.decode.eps(),
-            s.decode.cpu_us_per_event(),
-            s.relay.eps(),
-            s.relay.eps() / s.decode.eps(),
-            s.relay.secs,
-            s.relay.first_ack_secs,
-            s.relay.acked_secs,
-            s.relay.cpu_us_per_event(),
-            s.relay.host_cores,
-            s.relay.other_cores,
-            mb(s.relay.peak_rss_kb)
-        );
+        match &s.relay {
+            Ok(relay) => {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>9.0} {:>8.2} {:>9.0} {:>6.3} {:>8.2} {:>9.2} {:>10.2} {:>9.2} {:>8.2} {:>6.2} {:>7.1}",
+                    s.label,
+                    s.decode.eps(),
+                    s.decode.cpu_us_per_event(),
+                    relay.eps(),
+                    relay.eps() / s.decode.eps(),
+                    relay.secs,
+                    relay.first_ack_secs,
+                    relay.acked_secs,
+                    relay.cpu_us_per_event(),
+                    relay.host_cores,
+                    relay.other_cores,
+                    mb(relay.peak_rss_kb)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>9.0} {:>8.2}   relay FAILED: {}",
+                    s.label,
+                    s.decode.eps(),
+                    s.decode.cpu_us_per_event(),
+                    e.lines().next().unwrap_or("")
+                );
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -2082,15 +2158,16 @@ fn report(
 
     let find = |per_tx: u64| shapes.iter().find(|s| s.per_tx == per_tx);
     let main = find(100);
-    let throughput = main.map_or(f64::NAN, |s| s.relay.eps());
+    let drain = |s: &Shape| s.relay.as_ref().ok().cloned();
+    let throughput = main.and_then(drain).map_or(f64::NAN, |d| d.eps());
     let decode = main.map_or(f64::NAN, |s| s.decode.eps());
     let backlog_rss = shapes
         .iter()
         .filter(|s| s.per_tx <= 100)
-        .map(|s| s.relay.peak_rss_kb)
+        .filter_map(|s| s.relay.as_ref().ok().map(|d| d.peak_rss_kb))
         .max();
     let big = shapes.iter().find(|s| s.per_tx > 100);
-    let eps_of = |per_tx: u64| find(per_tx).map(|s| s.relay.eps());
+    let eps_of = |per_tx: u64| find(per_tx).and_then(drain).map(|d| d.eps());
     let json = serde_json::json!({
         "mode": if opts.quick { "quick" } else { "full" },
         "events": n,
@@ -2108,14 +2185,18 @@ fn report(
         "decode_latency_p50_ms": latency.and_then(|l| l.floor).map(|f| f.p50_ms),
         "decode_latency_p99_ms": latency.and_then(|l| l.floor).map(|f| f.p99_ms),
         "peak_rss_mb": backlog_rss.map(mb),
-        "big_tx_peak_rss_mb": big.map(|s| mb(s.relay.peak_rss_kb)),
-        "big_tx_eps": big.map(|s| s.relay.eps()),
+        "big_tx_peak_rss_mb": big.and_then(drain).map(|d| mb(d.peak_rss_kb)),
+        "big_tx_eps": big.and_then(drain).map(|d| d.eps()),
         "peer_eps": match peer { Peer::Ran { rate, .. } => Some(rate.eps()), Peer::Skipped(_) => None },
         "peer_skipped": match peer { Peer::Ran { .. } => None, Peer::Skipped(why) => Some(why.as_str()) },
-        "relay_cpu_us_per_event": main.map(|s| s.relay.cpu_us_per_event()),
+        "relay_cpu_us_per_event": main.and_then(drain).map(|d| d.cpu_us_per_event()),
         "throughput_10_per_tx_eps": eps_of(10),
         "throughput_1_per_tx_eps": eps_of(1),
         "decode_ceiling_1_per_tx_eps": find(1).map(|s| s.decode.eps()),
+        "failures": shapes
+            .iter()
+            .filter_map(|s| s.relay.as_ref().err().map(|e| format!("{}: {}", s.label, e.lines().next().unwrap_or(""))))
+            .collect::<Vec<_>>(),
     });
     println!("{json}");
 }

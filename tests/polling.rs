@@ -13,26 +13,6 @@ use common::*;
 
 const POLLING: (&str, &str) = ("OUTBOX_RELAY_SOURCE_MODE", "polling");
 
-/// The relay's `/status`, or null while it does not answer yet.
-fn status(port: u16) -> serde_json::Value {
-    match http_get(port, "/status") {
-        Ok((200, body)) => serde_json::from_str(&body).expect("status is JSON"),
-        _ => serde_json::Value::Null,
-    }
-}
-
-fn ready(port: u16) -> bool {
-    matches!(http_get(port, "/readyz"), Ok((200, _)))
-}
-
-fn metric(port: u16, line_prefix: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics").ok()?;
-    body.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 fn is_leader(port: u16) -> bool {
     metric(port, "outbox_relay_is_leader") == Some(1.0)
 }

@@ -753,6 +753,28 @@ impl Drop for Relay {
     }
 }
 
+/// The relay's `/status`, or null while it does not answer yet.
+pub fn status(port: u16) -> serde_json::Value {
+    match http_get(port, "/status") {
+        Ok((200, body)) => serde_json::from_str(&body).expect("status is JSON"),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Whether the relay's `/readyz` answers 200.
+pub fn ready(port: u16) -> bool {
+    matches!(http_get(port, "/readyz"), Ok((200, _)))
+}
+
+/// The value of the first `/metrics` line starting with `line_prefix`.
+pub fn metric(port: u16, line_prefix: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics").ok()?;
+    body.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// A plain HTTP/1.1 GET to 127.0.0.1:`port`: (status code, body), or the connection error.
 pub fn http_get(port: u16, path: &str) -> io::Result<(u16, String)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
