@@ -210,9 +210,18 @@ pub async fn run_session(
         )
         .await;
     watchdog.abort();
-    if result.is_err() {
-        sink.purge();
-        stream.abort();
+    match &result {
+        // Halting (or any definite error) still delivers what was produced before it: those
+        // events precede the cause and nothing past them is confirmed.
+        Err(e) if e.is_definite() => {
+            sink.drain(Instant::now() + DRAIN_DEADLINE).await;
+            stream.abort();
+        }
+        Err(_) => {
+            sink.purge();
+            stream.abort();
+        }
+        Ok(()) => {}
     }
     session.state.set_leader(false);
     session.metrics.is_leader.set(0);
