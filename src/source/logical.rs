@@ -197,6 +197,7 @@ pub async fn run_session(
     let watchdog = tokio::spawn(watch_stream(
         session.pool.clone(),
         application_name,
+        stream.metrics(),
         stream_lost.clone(),
     ));
     let result = pipeline
@@ -250,11 +251,21 @@ const STALE_HOLDER: Duration = Duration::from_secs(10);
 async fn watch_stream(
     pool: deadpool_postgres::Pool,
     application_name: String,
+    stream_metrics: Arc<pgwire_replication::ReplicationMetrics>,
     stream_lost: CancellationToken,
 ) {
     let mut strikes = 0;
+    let mut forwarded = stream_metrics.events_forwarded();
     loop {
         tokio::time::sleep(WATCHDOG_INTERVAL).await;
+        // Data still arrives: the connection lives, even while a walsender busy replaying a
+        // huge transaction leaves our status updates unread.
+        let now_forwarded = stream_metrics.events_forwarded();
+        if now_forwarded != forwarded {
+            forwarded = now_forwarded;
+            strikes = 0;
+            continue;
+        }
         let found = tokio::time::timeout(WATCHDOG_INTERVAL, async {
             let client = pool.get().await.ok()?;
             // Silent for longer than a stale holder: our status updates don't arrive.
