@@ -7,6 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use outbox_relay::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc for the whole process, librdkafka's C allocations included (`override`):
+/// librdkafka allocates each record's headers on the pipeline thread and frees them on its
+/// delivery thread, which glibc's malloc serves through its slow, locked path.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "outbox-relay",
