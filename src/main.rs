@@ -47,7 +47,10 @@ struct ConfigArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the replication client's reader task and the pipeline hand every message
+    // over through a channel, and on one thread that costs no wake-up of another. librdkafka
+    // runs its own threads; blocking calls go to tokio's blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

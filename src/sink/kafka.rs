@@ -33,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 /// librdkafka's default `message.max.bytes`, used when the config does not set it.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
-/// Records librdkafka may hold before `send` waits: bounds memory (a few hundred bytes a
-/// record) while leaving room for large batches to the broker.
-const DEFAULT_QUEUE_MESSAGES: &str = "100000";
+/// Records librdkafka may hold before `send` waits: bounds memory (librdkafka keeps about
+/// 800 bytes per queued record of a typical outbox event, headers included) while leaving
+/// room for five requests of full batches to the broker.
+const DEFAULT_QUEUE_MESSAGES: &str = "50000";
 
 /// How long topic creation may take before the session is retried.
 const TOPIC_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
