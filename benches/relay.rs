@@ -277,7 +277,10 @@ struct Shape {
     label: String,
     per_tx: u64,
     write_secs: f64,
+    /// The faster of the two null-consumer runs.
     decode: Rate,
+    /// Both null-consumer runs: before and after the relay's drain.
+    decode_runs: [Rate; 2],
     /// The drain, or why it failed (the other measurements still run).
     relay: std::result::Result<Drain, String>,
 }
@@ -417,11 +420,11 @@ fn run(opts: &Opts) -> Result<()> {
             Lsn::from_u64(end)
         );
 
-        let decode = rt.block_on(null_consume(&db, &url, &slots.null, n, end))?;
+        let first = null_consume_on_own_thread(&db, &url, &slots.null[0], n, end)?;
         eprintln!(
-            "[bench]   decode ceiling: {:.0} events/s ({:.2} s)",
-            decode.eps(),
-            decode.secs
+            "[bench]   decode ceiling, first run: {:.0} events/s ({:.2} s)",
+            first.eps(),
+            first.secs
         );
         if per_tx == 100 {
             let tansu = Tansu::start(&env)?;
@@ -464,6 +467,20 @@ fn run(opts: &Opts) -> Result<()> {
                 Peer::Skipped(why) => eprintln!("[bench]   peer skipped: {why}"),
             }
         }
+        // The first reader of a fresh backlog can find Postgres still busy with it (the
+        // checkpointer, the WAL's first read); a second run after the others gives the
+        // ceiling its best chance, and the faster one counts.
+        let second = null_consume_on_own_thread(&db, &url, &slots.null[1], n, end)?;
+        eprintln!(
+            "[bench]   decode ceiling, second run: {:.0} events/s ({:.2} s)",
+            second.eps(),
+            second.secs
+        );
+        let decode = if second.eps() > first.eps() {
+            second
+        } else {
+            first
+        };
         slots.drop_all(&env)?;
         pg.psql(DB, "TRUNCATE outbox.events")?;
         shapes.push(Shape {
@@ -471,6 +488,7 @@ fn run(opts: &Opts) -> Result<()> {
             per_tx,
             write_secs,
             decode,
+            decode_runs: [first, second],
             relay,
         });
     }
@@ -547,7 +565,8 @@ const SLOT_CONFIRMED: &str = "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')
 
 /// The slots of one backlog, created before it is written so that all see the same WAL.
 struct Slots {
-    null: String,
+    /// Two null consumers: one before the relay's drain, one after.
+    null: [String; 2],
     relay: String,
     peer: Option<String>,
 }
@@ -555,15 +574,17 @@ struct Slots {
 impl Slots {
     fn create(env: &Env<'_>, tag: &str, with_peer: bool) -> Result<Slots> {
         let slots = Slots {
-            null: format!("bench_null_{tag}"),
+            null: [format!("bench_null_{tag}"), format!("bench_null2_{tag}")],
             relay: format!("bench_relay_{tag}"),
             peer: with_peer.then(|| format!("bench_peer_{tag}")),
         };
-        let mut sql = format!(
-            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');\n\
-             SELECT pg_create_logical_replication_slot('{}', 'pgoutput');\n",
-            slots.null, slots.relay
-        );
+        let mut sql = String::new();
+        for slot in slots.null.iter().chain([&slots.relay]) {
+            let _ = writeln!(
+                sql,
+                "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+            );
+        }
         if let Some(peer) = &slots.peer {
             let _ = writeln!(
                 sql,
@@ -575,9 +596,11 @@ impl Slots {
     }
 
     fn drop_all(&self, env: &Env<'_>) -> Result<()> {
-        for slot in [Some(&self.null), Some(&self.relay), self.peer.as_ref()]
-            .into_iter()
-            .flatten()
+        for slot in self
+            .null
+            .iter()
+            .chain([&self.relay])
+            .chain(self.peer.as_ref())
         {
             drop_slot(env, slot)?;
         }
@@ -681,6 +704,21 @@ listen = "127.0.0.1:{http_port}"
 level = "info"
 "#
     )
+}
+
+/// [`null_consume`] on a runtime of its own with one thread, like the relay's: the replication
+/// worker and the consumer share it, so handing a message over costs no cross-thread wake-up.
+fn null_consume_on_own_thread(
+    db: &tokio_postgres::Client,
+    url: &str,
+    slot: &str,
+    n: u64,
+    end: u64,
+) -> Result<Rate> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(null_consume(db, url, slot, n, end))
 }
 
 /// Streams `slot` from its confirmed position, decodes every message (walking every column of
@@ -2176,6 +2214,7 @@ fn report(
         "broker_ceiling_eps": broker.map(|b| b.eps()),
         "broker_cpu_us_per_event": broker.map(|b| b.cpu_us_per_event()),
         "decode_cpu_us_per_event": main.map(|s| s.decode.cpu_us_per_event()),
+        "decode_ceiling_runs_eps": main.map(|s| s.decode_runs.map(|r| r.eps())),
         "ratio": throughput / decode,
         "latency_p50_ms": latency.map(|l| l.p50_ms),
         "latency_p99_ms": latency.map(|l| l.p99_ms),
