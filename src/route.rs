@@ -9,7 +9,6 @@
 //! to stop the stream.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -161,7 +160,7 @@ impl Router {
     /// Maps one event to its record, or to a dead-letter record saying why it can't be one.
     pub fn route<'a>(&self, event: OutboxEvent<'a>) -> Routed<'a> {
         let headers = match fixed_headers(&event) {
-            Ok(mut fixed) => match user_headers(event.headers.as_deref()) {
+            Ok(mut fixed) => match user_headers_of(&event) {
                 Ok(user) => {
                     fixed.extend(user);
                     fixed
@@ -385,34 +384,106 @@ fn fixed_headers<'a>(event: &OutboxEvent<'a>) -> Result<Headers<'a>, Headers<'a>
     }
 }
 
+/// The event's user headers, borrowed from its `headers` text where it is borrowed.
+fn user_headers_of<'a>(event: &OutboxEvent<'a>) -> Result<Headers<'a>, String> {
+    match &event.headers {
+        None => Ok(Vec::new()),
+        Some(Cow::Borrowed(json)) => user_headers(json),
+        Some(Cow::Owned(json)) => Ok(user_headers(json)?
+            .into_iter()
+            .map(|(k, v)| (Cow::Owned(k.into_owned()), Cow::Owned(v.into_owned())))
+            .collect()),
+    }
+}
+
 /// The row's `headers` object as Kafka headers: strings as they are, other JSON values as
-/// their JSON text.
-fn user_headers(json: Option<&str>) -> Result<Headers<'static>, String> {
-    let Some(json) = json else {
-        return Ok(Vec::new());
-    };
+/// their JSON text. Sorted by name; a name given twice keeps its last value. Names and values
+/// without escapes borrow from `json`.
+fn user_headers(json: &str) -> Result<Headers<'_>, String> {
     let trimmed = json.trim();
     if trimmed == "{}" {
         return Ok(Vec::new());
     }
-    let map: BTreeMap<String, &RawValue> = serde_json::from_str(trimmed).map_err(|e| {
+    let HeaderObject(mut entries) = serde_json::from_str(trimmed).map_err(|e| {
         if trimmed.starts_with('{') {
             format!("headers is not a valid JSON object: {e}")
         } else {
             "headers is not a JSON object".to_owned()
         }
     })?;
-    let mut out = Vec::with_capacity(map.len());
-    for (key, raw) in map {
+    // Stable sort of the reversed list: of equal names, the last given comes first and stays.
+    entries.reverse();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries.dedup_by(|later, kept| later.0 == kept.0);
+    let mut out = Vec::with_capacity(entries.len());
+    for (key, raw) in entries {
         let text = raw.get();
-        let value = if text.starts_with('"') {
-            String::deserialize(raw).map_err(|e| format!("header {key:?}: {e}"))?
-        } else {
-            text.to_owned()
+        let value = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            // Nothing to unescape: the string is its text.
+            Some(inner) if !inner.bytes().any(|b| b == b'\\' || b < 0x20) => {
+                Cow::Borrowed(inner.as_bytes())
+            }
+            Some(_) => Cow::Owned(
+                String::deserialize(raw)
+                    .map_err(|e| format!("header {key:?}: {e}"))?
+                    .into_bytes(),
+            ),
+            None => Cow::Borrowed(text.as_bytes()),
         };
-        out.push((Cow::Owned(key), Cow::Owned(value.into_bytes())));
+        out.push((key, value));
     }
     Ok(out)
+}
+
+/// A JSON object's members in the order given, names borrowed where they have no escapes.
+struct HeaderObject<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for HeaderObject<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = HeaderObject<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some((Name(key), value)) = map.next_entry::<Name<'de>, &'de RawValue>()? {
+                    entries.push((key, value));
+                }
+                Ok(HeaderObject(entries))
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
+}
+
+/// A member name: borrowed from the input unless it had escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
 }
 
 fn record_size(event: &OutboxEvent<'_>, headers: &Headers<'_>) -> usize {
@@ -511,6 +582,37 @@ mod tests {
         assert_eq!(r.header("traceparent"), Some(&b"00-abc-01"[..]));
         assert_eq!(r.header("n"), Some(&b"3"[..]));
         assert_eq!(r.header("o"), Some(&br#"{"a": [1]}"#[..]));
+    }
+
+    #[test]
+    fn user_headers_are_sorted_unescaped_and_the_last_of_a_name_wins() {
+        let json = r#"{"b": "x\"y\u00e9", "a": "plain", "b": "last", "c\u0041": null, "d": 1.5}"#;
+        let headers = user_headers(json).unwrap();
+        let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (&**k, &**v)).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("a", &b"plain"[..]),
+                ("b", b"last"),
+                ("cA", b"null"),
+                ("d", b"1.5"),
+            ]
+        );
+        // Plain names and values point into the input; escaped ones are unescaped copies.
+        assert!(matches!(headers[0], (Cow::Borrowed(_), Cow::Borrowed(_))));
+        assert!(matches!(headers[2].0, Cow::Owned(_)));
+        let escaped = user_headers(r#"{"k": "x\"y\u00e9"}"#).unwrap();
+        assert_eq!(&*escaped[0].1, "x\"yé".as_bytes());
+        assert!(user_headers("{}").unwrap().is_empty());
+        assert!(user_headers(" {\"k\": \"v\"} ").is_ok());
+    }
+
+    #[test]
+    fn owned_headers_text_gives_the_same_headers() {
+        let mut e = event();
+        let borrowed = publish(router().route(e.clone())).headers;
+        e.headers = e.headers.map(|h| Cow::Owned(h.into_owned()));
+        assert_eq!(publish(router().route(e)).headers, borrowed);
     }
 
     #[test]

@@ -335,6 +335,11 @@ impl Pipeline<'_> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
+        // Registered once, not once per message.
+        let shutdown_signal = shutdown.cancelled();
+        tokio::pin!(shutdown_signal);
+        let lost = stream_lost.cancelled();
+        tokio::pin!(lost);
         loop {
             if stopping && self.open.is_none() {
                 return self.finish(stream, sink, shared).await;
@@ -342,7 +347,7 @@ impl Pipeline<'_> {
             tokio::select! {
                 biased;
                 // 1. Shutdown: stop taking transactions at the next boundary.
-                _ = shutdown.cancelled(), if !stopping => {
+                _ = &mut shutdown_signal, if !stopping => {
                     tracing::info!("shutting down: finishing the open transaction and draining");
                     stopping = true;
                 }
@@ -359,7 +364,7 @@ impl Pipeline<'_> {
                 }
                 // 4. The watchdog found no walsender for this stream: the connection is dead
                 // even if the socket looks open.
-                _ = stream_lost.cancelled() => return Err(SourceError::StreamLost),
+                _ = &mut lost => return Err(SourceError::StreamLost),
                 // 5. New data.
                 event = stream.recv() => {
                     match event.map_err(|e| SourceError::replication(e, &self.cfg.source.slot))? {
@@ -632,35 +637,57 @@ impl Pipeline<'_> {
     }
 }
 
-/// The event carried by an outbox row.
+/// The event carried by an outbox row. Walks the tuple once.
 fn row_event<'a>(
     columns: &OutboxColumns,
     tuple: &pgoutput::Tuple<'a>,
     commit_lsn: &'a str,
     commit_ms: i64,
 ) -> OutboxEvent<'a> {
-    let text = |index: Option<usize>| -> Option<&'a str> {
-        match tuple.get(index?)? {
+    let fields = [
+        columns.id,
+        columns.aggregate_type,
+        columns.aggregate_id,
+        columns.event_type,
+        columns.payload,
+        columns.headers,
+        columns.created_at,
+    ];
+    let mut values: [Option<Value<'a>>; 7] = [None; 7];
+    let last = fields.iter().flatten().max().copied();
+    for (index, value) in tuple.iter().enumerate() {
+        if last.is_none_or(|last| index > last) {
+            break;
+        }
+        for (field, slot) in fields.iter().zip(values.iter_mut()) {
+            if *field == Some(index) {
+                *slot = Some(value);
+            }
+        }
+    }
+    let [id, aggregate_type, aggregate_id, event_type, payload, headers, created_at] = values;
+    let text = |value: Option<Value<'a>>| -> Option<&'a str> {
+        match value? {
             Value::Text(bytes) => std::str::from_utf8(bytes).ok(),
             _ => None,
         }
     };
-    let payload = columns.payload.and_then(|i| match tuple.get(i)? {
-        Value::Text(bytes) if columns.payload_is_bytea => {
-            Some(std::borrow::Cow::Owned(values::parse_bytea(bytes)?))
+    let payload = match payload {
+        Some(Value::Text(bytes)) if columns.payload_is_bytea => {
+            values::parse_bytea(bytes).map(std::borrow::Cow::Owned)
         }
-        Value::Text(bytes) | Value::Binary(bytes) => Some(std::borrow::Cow::Borrowed(bytes)),
+        Some(Value::Text(bytes) | Value::Binary(bytes)) => Some(std::borrow::Cow::Borrowed(bytes)),
         _ => None,
-    });
+    };
     OutboxEvent {
-        id: text(columns.id),
-        aggregate_type: text(columns.aggregate_type),
-        aggregate_id: text(columns.aggregate_id),
-        event_type: text(columns.event_type),
+        id: text(id),
+        aggregate_type: text(aggregate_type),
+        aggregate_id: text(aggregate_id),
+        event_type: text(event_type),
         payload,
-        headers: text(columns.headers).map(std::borrow::Cow::Borrowed),
+        headers: text(headers).map(std::borrow::Cow::Borrowed),
         timestamp_ms: Some(
-            text(columns.created_at)
+            text(created_at)
                 .and_then(values::parse_timestamp_ms)
                 .unwrap_or(commit_ms),
         ),
@@ -671,6 +698,69 @@ fn row_event<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decoded_insert(values: &[Option<&[u8]>]) -> Vec<u8> {
+        pgoutput::encode::insert(7, values)
+    }
+
+    #[test]
+    fn row_event_reads_configured_columns_in_any_order() {
+        // Columns in an order of their own, an unconfigured one in between and one after.
+        let columns = OutboxColumns {
+            id: Some(3),
+            aggregate_type: Some(0),
+            aggregate_id: Some(1),
+            event_type: None,
+            payload: Some(5),
+            payload_is_bytea: true,
+            headers: Some(2),
+            created_at: Some(6),
+        };
+        let bytes = decoded_insert(&[
+            Some(b"order"),
+            Some(b"o-1"),
+            None,
+            Some(b"6f9619ff-8b86-d011-b42d-00cf4fc964ff"),
+            Some(b"unrelated"),
+            Some(b"\\x7b7d"),
+            Some(b"2024-05-01 12:00:00.5+00"),
+            Some(b"trailing"),
+        ]);
+        let Ok(Message::Insert { new, .. }) = pgoutput::decode(&bytes) else {
+            panic!("not an insert");
+        };
+        let event = row_event(&columns, &new, "0/16B3748", 42);
+        assert_eq!(event.id, Some("6f9619ff-8b86-d011-b42d-00cf4fc964ff"));
+        assert_eq!(event.aggregate_type, Some("order"));
+        assert_eq!(event.aggregate_id, Some("o-1"));
+        assert_eq!(event.event_type, None);
+        assert_eq!(event.headers, None, "a NULL column is no value");
+        assert_eq!(
+            event.payload.as_deref(),
+            Some(&b"{}"[..]),
+            "bytea text is decoded"
+        );
+        assert_eq!(event.timestamp_ms, Some(1_714_564_800_500));
+        assert_eq!(event.pg_lsn, Some("0/16B3748"));
+    }
+
+    #[test]
+    fn row_event_falls_back_to_the_commit_time_and_tolerates_short_tuples() {
+        let columns = OutboxColumns {
+            id: Some(0),
+            payload: Some(1),
+            created_at: Some(9),
+            ..OutboxColumns::default()
+        };
+        let bytes = decoded_insert(&[Some(b"id-1"), Some(b"{\"a\": 1}")]);
+        let Ok(Message::Insert { new, .. }) = pgoutput::decode(&bytes) else {
+            panic!("not an insert");
+        };
+        let event = row_event(&columns, &new, "0/1", 42);
+        assert_eq!(event.id, Some("id-1"));
+        assert_eq!(event.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
+        assert_eq!(event.timestamp_ms, Some(42));
+    }
 
     #[test]
     fn feedback_interval_follows_wal_sender_timeout() {
