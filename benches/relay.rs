@@ -29,7 +29,8 @@
 //!
 //! It prints a table and then one JSON line. Progress goes to stderr. With
 //! `RELAY_BENCH_KEEP_LOGS=1` the relay's config and log directories (`/tmp/relay-bench-*`)
-//! are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is printed. Run under `cargo test`
+//! are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is printed;
+//! `RELAY_BENCH_KAFKA_PROPERTIES="k=v,..."` adds producer settings to the relay under test. Run under `cargo test`
 //! or `cargo nextest` (no `--bench` argument) it does nothing: it is not a test.
 
 use std::collections::BTreeMap;
@@ -728,8 +729,23 @@ listen = "127.0.0.1:{http_port}"
 
 [log]
 level = "info"
-"#
+{extra}"#,
+        extra = extra_kafka_properties()
     )
+}
+
+/// `RELAY_BENCH_KAFKA_PROPERTIES="linger.ms=1,batch.size=65536"`: producer settings for the
+/// relay under test on top of its defaults, to try one out.
+fn extra_kafka_properties() -> String {
+    let Ok(list) = std::env::var("RELAY_BENCH_KAFKA_PROPERTIES") else {
+        return String::new();
+    };
+    let mut out = String::from("\n[kafka.properties]\n");
+    for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let _ = writeln!(out, "{:?} = {:?}", key.trim(), value.trim());
+    }
+    out
 }
 
 /// [`null_consume`] on a runtime of its own with one thread, like the relay's: the replication

@@ -153,7 +153,7 @@ pub async fn run_session(
         .with_start_lsn(start)
         .with_ack_lsn(start)
         .with_status_interval(status_interval)
-        .with_wakeup_interval(status_interval);
+        .with_wakeup_interval(idle_wakeup_interval(prepared.wal_sender_timeout));
     let mut stream = ReplicationClient::connect(repl_cfg)
         .await
         .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
@@ -240,13 +240,13 @@ const WATCHDOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Failed looks in a row after which the stream counts as lost.
 const WATCHDOG_STRIKES: u32 = 3;
 /// A slot holder that has not replied for this long is a dead connection (live relays reply
-/// every second): its walsender is terminated so the slot frees before `wal_sender_timeout`.
+/// at least every second): its walsender is terminated so the slot frees before `wal_sender_timeout`.
 const STALE_HOLDER: Duration = Duration::from_secs(10);
 
 /// Detects a replication connection that died without the socket noticing (a half-open
 /// connection: the server's walsender is gone, or the network drops everything). An idle
 /// stream carries no data to fail on, so a second connection checks that the server still
-/// has a walsender for this session and hears its status updates (sent every second);
+/// has a walsender for this session and hears its status updates (sent every 100 ms);
 /// `WATCHDOG_STRIKES` failures in a row cancel `stream_lost`.
 async fn watch_stream(
     pool: deadpool_postgres::Pool,
@@ -301,17 +301,34 @@ async fn watch_stream(
     }
 }
 
-/// `min(1 s, wal_sender_timeout / 2)`: frequent enough that the server never times us out,
-/// and that confirmed positions reach the slot quickly.
+/// How often confirmed positions go to the server: `min(100 ms, wal_sender_timeout / 2)`.
+/// Far more often than the server needs (`min(1 s, wal_sender_timeout / 2)` keeps it from
+/// timing us out), because the slot's position is what a restart resends from: a crash
+/// duplicates at most this much, WAL is released this soon, and shutdown waits this long for
+/// its final status update. A status update is a few dozen bytes.
 fn feedback_interval(wal_sender_timeout: Duration) -> Duration {
+    bounded_by_timeout(FEEDBACK_EVERY, wal_sender_timeout)
+}
+
+/// How long an idle stream waits for data before it sends a status update anyway:
+/// `min(1 s, wal_sender_timeout / 2)`.
+fn idle_wakeup_interval(wal_sender_timeout: Duration) -> Duration {
+    bounded_by_timeout(Duration::from_secs(1), wal_sender_timeout)
+}
+
+/// `min(interval, wal_sender_timeout / 2)`, at least 10 ms; `wal_sender_timeout = 0`
+/// (disabled) leaves `interval`.
+fn bounded_by_timeout(interval: Duration, wal_sender_timeout: Duration) -> Duration {
     let half = wal_sender_timeout / 2;
     if half.is_zero() {
-        Duration::from_secs(1)
+        interval
     } else {
-        half.min(Duration::from_secs(1))
-            .max(Duration::from_millis(10))
+        half.min(interval).max(Duration::from_millis(10))
     }
 }
+
+/// The feedback interval when `wal_sender_timeout` allows it.
+const FEEDBACK_EVERY: Duration = Duration::from_millis(100);
 
 struct Pipeline<'a> {
     cfg: &'a Config,
@@ -766,12 +783,24 @@ mod tests {
     fn feedback_interval_follows_wal_sender_timeout() {
         assert_eq!(
             feedback_interval(Duration::from_secs(60)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            feedback_interval(Duration::from_millis(150)),
+            Duration::from_millis(75)
+        );
+        assert_eq!(
+            feedback_interval(Duration::ZERO),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            idle_wakeup_interval(Duration::from_secs(60)),
             Duration::from_secs(1)
         );
         assert_eq!(
-            feedback_interval(Duration::from_millis(800)),
+            idle_wakeup_interval(Duration::from_millis(800)),
             Duration::from_millis(400)
         );
-        assert_eq!(feedback_interval(Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(idle_wakeup_interval(Duration::ZERO), Duration::from_secs(1));
     }
 }
