@@ -1574,16 +1574,9 @@ fn recvlogical_ceiling(env: &Env<'_>, slot: &str, n: u64, end: u64) -> Result<Ra
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut recv = Proc::spawn("pg_recvlogical", &mut cmd)?;
-    let deadline = t0 + Duration::from_secs(60 + n / 1_000);
-    let status = loop {
-        if let Some(status) = recv.try_wait() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            recv.terminate(Duration::from_secs(5));
-            bail!("pg_recvlogical did not reach the end of the backlog in time");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(status) = recv.wait_until(t0 + Duration::from_secs(60 + n / 1_000)) else {
+        recv.terminate(Duration::from_secs(5));
+        bail!("pg_recvlogical did not reach the end of the backlog in time");
     };
     let secs = t0.elapsed().as_secs_f64();
     if !status.success() {
@@ -1653,15 +1646,8 @@ fn run_peer(
         .stdout(Stdio::piped())
         .stderr(log);
     let mut producer = Proc::spawn("peer producer", &mut py_cmd)?;
-    let deadline = t0 + Duration::from_secs(120 + n / 500);
-    let status = loop {
-        if let Some(status) = producer.try_wait() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            bail!("the peer did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some(status) = producer.wait_until(t0 + Duration::from_secs(120 + n / 500)) else {
+        bail!("the peer did not finish in time");
     };
     let secs = t0.elapsed().as_secs_f64();
     let mut out = String::new();
@@ -1870,6 +1856,19 @@ impl Proc {
 
     fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the exit until `deadline` (checking every 5 ms); None if still running then.
+    fn wait_until(&mut self, deadline: Instant) -> Option<std::process::ExitStatus> {
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// SIGTERM and up to `grace` to exit; SIGKILL after that.

@@ -519,6 +519,31 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         }
     }
 
+    /// Shutdown's drain: waits for every ack until `deadline`, dead-lettering records Kafka
+    /// refuses meanwhile (their units can't finish otherwise). Records still in flight at the
+    /// deadline are left to be resent after the restart.
+    pub async fn drain_for_shutdown(
+        &mut self,
+        router: &Router,
+        deadline: Instant,
+    ) -> Result<(), SinkError> {
+        loop {
+            while let Some(refused) = self.try_refused() {
+                self.redirect(refused, router).await?;
+            }
+            if self.drain(Instant::now() + Duration::from_millis(20)).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    inflight = self.shared.checkpoint().inflight(),
+                    "shutdown deadline passed with records in flight; they will be resent"
+                );
+                return Ok(());
+            }
+        }
+    }
+
     /// Records and requests in librdkafka's local queue.
     pub fn queue_depth(&self) -> i32 {
         self.producer.in_flight_count()

@@ -618,23 +618,8 @@ impl Pipeline<'_> {
         sink: &mut KafkaSink<u64>,
         shared: &Arc<Shared<u64>>,
     ) -> Result<(), SourceError> {
-        let deadline = Instant::now() + DRAIN_DEADLINE;
-        loop {
-            // Refused records must still be dead-lettered for the drain to finish.
-            while let Some(refused) = sink.try_refused() {
-                sink.redirect(refused, &self.router).await?;
-            }
-            if sink.drain(Instant::now() + Duration::from_millis(20)).await {
-                break;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    inflight = shared.checkpoint().inflight(),
-                    "shutdown deadline passed with records in flight; they will be resent"
-                );
-                break;
-            }
-        }
+        sink.drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
+            .await?;
         if let Some(lsn) = shared.checkpoint().take_confirmable() {
             self.advance(stream, lsn);
         }

@@ -489,23 +489,8 @@ impl Poller<'_> {
         shared: &Arc<Shared<Cursor>>,
         session: &Session,
     ) -> Result<(), SourceError> {
-        let deadline = Instant::now() + DRAIN_DEADLINE;
-        loop {
-            // Refused records must still be dead-lettered for the drain to finish.
-            while let Some(refused) = sink.try_refused() {
-                sink.redirect(refused, &self.router).await?;
-            }
-            if sink.drain(Instant::now() + Duration::from_millis(20)).await {
-                break;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    inflight = shared.checkpoint().inflight(),
-                    "shutdown deadline passed with records in flight; they will be resent"
-                );
-                break;
-            }
-        }
+        sink.drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
+            .await?;
         self.confirm(leader, sink, shared, session).await?;
         tracing::info!(cursor = %self.confirmed, "final cursor persisted");
         Ok(())
