@@ -240,7 +240,8 @@ const WATCHDOG_INTERVAL: Duration = Duration::from_secs(5);
 /// Failed looks in a row after which the stream counts as lost.
 const WATCHDOG_STRIKES: u32 = 3;
 /// A slot holder that has not replied for this long is a dead connection (live relays reply
-/// at least every second): its walsender is terminated so the slot frees before `wal_sender_timeout`.
+/// at least every second): its walsender is terminated so the slot frees before
+/// `wal_sender_timeout`.
 const STALE_HOLDER: Duration = Duration::from_secs(10);
 
 /// Detects a replication connection that died without the socket noticing (a half-open
