@@ -96,6 +96,13 @@ impl SourceError {
                 fix: "see the README section \"A vanished slot\"".into(),
             };
         }
+        // The slot was invalidated (`wal_status = lost`), or its WAL went before that was
+        // noticed: decoding from it can never resume.
+        if text.contains("can no longer get changes from replication slot")
+            || (text.contains("requested WAL segment") && text.contains("already been removed"))
+        {
+            return setup::slot_lost(slot, None);
+        }
         if text.contains("publication") && text.contains("does not exist") {
             return Self::Definite {
                 problem: format!("the publication is missing ({text})"),
