@@ -532,13 +532,22 @@ mod tests {
         };
         let lines = failover_report("s", &facts);
         assert!(lines[0].contains("slot s has failover = true"), "{lines:?}");
-        assert!(lines[1].contains("synchronized_standby_slots is empty"), "{lines:?}");
+        assert!(
+            lines[1].contains("synchronized_standby_slots is empty"),
+            "{lines:?}"
+        );
 
         facts.slot_failover = Some(false);
         facts.synchronized_standby_slots = "standby_1".into();
         let lines = failover_report("s", &facts);
-        assert!(lines[0].contains("ALTER_REPLICATION_SLOT s (FAILOVER true)"), "{lines:?}");
-        assert!(lines[1].contains("synchronized_standby_slots = standby_1"), "{lines:?}");
+        assert!(
+            lines[0].contains("ALTER_REPLICATION_SLOT s (FAILOVER true)"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("synchronized_standby_slots = standby_1"),
+            "{lines:?}"
+        );
 
         facts.slot_failover = None;
         let lines = failover_report("s", &facts);

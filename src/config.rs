@@ -2255,7 +2255,12 @@ created_at = ""
                 "{prefix:?}"
             );
         }
-        for prefix in ["outbox", "shop.orders", "app/v2:events-1_x", "x".repeat(63).as_str()] {
+        for prefix in [
+            "outbox",
+            "shop.orders",
+            "app/v2:events-1_x",
+            "x".repeat(63).as_str(),
+        ] {
             let mut ok = Config::default();
             ok.source.message_prefix = prefix.into();
             assert!(ok.validate().is_ok(), "{prefix:?}");

@@ -57,7 +57,10 @@ fn router(state: Arc<RelayState>, metrics: Metrics) -> Router {
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
     match app.state.health(std::time::Instant::now()) {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        ),
     }
 }
 
@@ -126,7 +129,10 @@ mod tests {
         wedged.monitor.beat();
         let response = healthz_of(wedged).await;
         assert!(response.starts_with("HTTP/1.1 503"), "{response}");
-        assert!(response.contains("pipeline loop not polled for"), "{response}");
+        assert!(
+            response.contains("pipeline loop not polled for"),
+            "{response}"
+        );
 
         let ended = RelayState::default();
         ended.pipeline.beat();

@@ -252,13 +252,13 @@ async fn monitor(
                                 metrics.set_wal_status(&status);
                                 if logical {
                                     watch_wal_status(
-                                    &slot,
-                                    &status,
-                                    confirmed.as_deref(),
-                                    &mut last_wal_status,
-                                    &state,
-                                    &metrics,
-                                );
+                                        &slot,
+                                        &status,
+                                        confirmed.as_deref(),
+                                        &mut last_wal_status,
+                                        &state,
+                                        &metrics,
+                                    );
                                 }
                             }
                             if let Some(bytes) = retained {

@@ -80,7 +80,8 @@ impl Heartbeat {
     /// Records that the task runs now.
     pub fn beat(&self) {
         let ms = self.origin.elapsed().as_millis() as u64;
-        self.last_ms.store(ms.min(NOT_STARTED - 1), Ordering::Relaxed);
+        self.last_ms
+            .store(ms.min(NOT_STARTED - 1), Ordering::Relaxed);
     }
 
     /// Runs `task`, beating on every poll, and marks the heartbeat ended when the task
@@ -270,7 +271,11 @@ mod tests {
         let origin = Instant::now();
         let beat = Heartbeat::with_origin(origin);
         let bound = Duration::from_secs(60);
-        assert_eq!(beat.check(origin + Duration::from_secs(600), bound), Ok(()), "not started");
+        assert_eq!(
+            beat.check(origin + Duration::from_secs(600), bound),
+            Ok(()),
+            "not started"
+        );
         beat.last_ms.store(1_000, Ordering::Relaxed);
         assert_eq!(beat.check(origin + Duration::from_secs(61), bound), Ok(()));
         assert_eq!(

@@ -170,7 +170,9 @@ mod tests {
             assert!(error.to_string().contains("wal_status = lost"), "{error}");
         }
         let transient = SourceError::replication(
-            PgWireError::Server("FATAL: terminating connection due to administrator command".into()),
+            PgWireError::Server(
+                "FATAL: terminating connection due to administrator command".into(),
+            ),
             "s",
         );
         assert!(!transient.is_definite());

@@ -591,7 +591,10 @@ mod slot_tests {
         };
         assert!(problem.contains("wal_status = lost"), "{problem}");
         assert!(problem.contains("after 0/3000060"), "{problem}");
-        assert!(fix.contains("pg_drop_replication_slot('outbox_relay')"), "{fix}");
+        assert!(
+            fix.contains("pg_drop_replication_slot('outbox_relay')"),
+            "{fix}"
+        );
         assert!(fix.contains("DELETE FROM outbox.relay_state WHERE name = 'outbox_relay'"));
     }
 }
