@@ -217,10 +217,15 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
                 ));
             }
             lines.push(format!(
-                "postgres: slot {} uses pgoutput ({}, wal_status {})",
+                "postgres: slot {} uses pgoutput ({}, wal_status {}{})",
                 cfg.source.slot,
                 if active { "in use" } else { "idle" },
-                wal_status.as_deref().unwrap_or("unknown")
+                wal_status.as_deref().unwrap_or("unknown"),
+                if wal_status.as_deref() == Some("unreserved") {
+                    ": beyond max_slot_wal_keep_size, lost at the next checkpoint unless the relay catches up"
+                } else {
+                    ""
+                }
             ));
             slot_failover = Some(row.get::<_, Option<&str>>(4) == Some("true"));
         }
@@ -289,7 +294,7 @@ fn failover_report(slot: &str, facts: &FailoverFacts) -> Vec<String> {
     if facts.server_version_num < setup::FAILOVER_SLOTS_VERSION {
         return vec![format!(
             "postgres: failover: PostgreSQL {major} keeps logical slots on the primary only: \
-             after a failover to a standby slot {slot} is missing and the relay stops until \
+             after a failover to a standby, slot {slot} is missing and the relay stops until \
              the operator acts (README \"A vanished slot\"); PostgreSQL 17 can synchronise it"
         )];
     }
