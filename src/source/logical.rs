@@ -621,21 +621,6 @@ impl Pipeline<'_> {
         Ok(sink.send(unit, routed).await?)
     }
 
-    /// Confirms everything acknowledged and waits (up to 3 s, while the stream runs) until
-    /// that position has gone out in a status update.
-    async fn confirm_acknowledged(&mut self, stream: &ReplicationClient, shared: &Shared<u64>) {
-        if let Some(lsn) = shared.checkpoint().take_confirmable() {
-            self.advance(stream, lsn);
-        }
-        let sent_deadline = Instant::now() + Duration::from_secs(3);
-        while self.stream_metrics.last_applied_lsn().as_u64() < self.confirmed
-            && Instant::now() < sent_deadline
-            && stream.is_running()
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     /// Drains in-flight records, confirms the final position and ends the stream.
     async fn finish(
         &mut self,
@@ -652,6 +637,21 @@ impl Pipeline<'_> {
             .await
             .map_err(|e| SourceError::replication(e, &self.cfg.source.slot))?;
         Ok(())
+    }
+
+    /// Confirms everything acknowledged and waits (up to 3 s, while the stream runs) until
+    /// that position has gone out in a status update.
+    async fn confirm_acknowledged(&mut self, stream: &ReplicationClient, shared: &Shared<u64>) {
+        if let Some(lsn) = shared.checkpoint().take_confirmable() {
+            self.advance(stream, lsn);
+        }
+        let sent_deadline = Instant::now() + Duration::from_secs(3);
+        while self.stream_metrics.last_applied_lsn().as_u64() < self.confirmed
+            && Instant::now() < sent_deadline
+            && stream.is_running()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
