@@ -183,7 +183,9 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
 
     let slot = client
         .query_opt(
-            "SELECT plugin, active FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, active, wal_status, confirmed_flush_lsn::text, \
+                    to_jsonb(s) ->> 'failover' \
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&cfg.source.slot],
         )
         .await
@@ -191,6 +193,8 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             context: "looking up the slot",
             source,
         })?;
+    // Whether the slot fails over to standbys (PostgreSQL 17+); None when it does not exist.
+    let mut slot_failover = None;
     match slot {
         Some(row) => {
             let plugin: Option<String> = row.get(0);
@@ -205,11 +209,25 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
                 });
             }
             let active: bool = row.get(1);
+            let wal_status: Option<String> = row.get(2);
+            if wal_status.as_deref() == Some("lost") {
+                return Err(setup::slot_lost(
+                    &cfg.source.slot,
+                    row.get::<_, Option<&str>>(3),
+                ));
+            }
             lines.push(format!(
-                "postgres: slot {} uses pgoutput ({})",
+                "postgres: slot {} uses pgoutput ({}, wal_status {}{})",
                 cfg.source.slot,
-                if active { "in use" } else { "idle" }
+                if active { "in use" } else { "idle" },
+                wal_status.as_deref().unwrap_or("unknown"),
+                if wal_status.as_deref() == Some("unreserved") {
+                    ": beyond max_slot_wal_keep_size, lost at the next checkpoint unless the relay catches up"
+                } else {
+                    ""
+                }
             ));
+            slot_failover = Some(row.get::<_, Option<&str>>(4) == Some("true"));
         }
         None if cfg.source.create => lines.push(format!(
             "postgres: slot {} missing; run will create it (source.create = true)",
@@ -225,7 +243,101 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             })
         }
     }
+    lines.extend(failover_lines(&**client, cfg, slot_failover).await?);
     Ok(lines)
+}
+
+/// What the server tells about keeping the slot across a failover to a standby.
+#[derive(Debug, Default)]
+struct FailoverFacts {
+    server_version_num: i32,
+    in_recovery: bool,
+    /// The slot's `failover` flag; None when the slot does not exist yet.
+    slot_failover: Option<bool>,
+    /// `synchronized_standby_slots` (primary, 17+).
+    synchronized_standby_slots: String,
+    /// `sync_replication_slots` (standby, 17+).
+    sync_replication_slots: String,
+}
+
+async fn failover_lines(
+    client: &impl tokio_postgres::GenericClient,
+    cfg: &Config,
+    slot_failover: Option<bool>,
+) -> Result<Vec<String>, SourceError> {
+    let (server_version_num, in_recovery) = setup::server_version(client).await?;
+    let mut facts = FailoverFacts {
+        server_version_num,
+        in_recovery,
+        slot_failover,
+        ..FailoverFacts::default()
+    };
+    if server_version_num >= setup::FAILOVER_SLOTS_VERSION {
+        let setting = |name: &'static str| async move {
+            client
+                .query_opt("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+                .await
+                .map(|row| row.map(|r| r.get::<_, String>(0)).unwrap_or_default())
+                .map_err(setup::pg("reading the failover settings"))
+        };
+        facts.synchronized_standby_slots = setting("synchronized_standby_slots").await?;
+        facts.sync_replication_slots = setting("sync_replication_slots").await?;
+    }
+    Ok(failover_report(&cfg.source.slot, &facts))
+}
+
+/// `check`'s lines on failover: before PostgreSQL 17 a failover loses the slot; from 17 on,
+/// whether the slot has `failover = true` and what the settings that make standbys
+/// synchronise it say, as far as this server can see.
+fn failover_report(slot: &str, facts: &FailoverFacts) -> Vec<String> {
+    let major = facts.server_version_num / 10_000;
+    if facts.server_version_num < setup::FAILOVER_SLOTS_VERSION {
+        return vec![format!(
+            "postgres: failover: PostgreSQL {major} keeps logical slots on the primary only: \
+             after a failover to a standby, slot {slot} is missing and the relay stops until \
+             the operator acts (README \"A vanished slot\"); PostgreSQL 17 can synchronise it"
+        )];
+    }
+    if facts.in_recovery {
+        return vec![format!(
+            "postgres: failover: this server is a standby (sync_replication_slots = {}); \
+             slots created here do not fail over",
+            or_unset(&facts.sync_replication_slots)
+        )];
+    }
+    let mut lines = vec![match facts.slot_failover {
+        None => format!("postgres: failover: run will create slot {slot} with failover = true"),
+        Some(true) => format!("postgres: failover: slot {slot} has failover = true"),
+        Some(false) => format!(
+            "postgres: failover: slot {slot} has failover = false, so a failover loses it; \
+             enable it on a replication connection (psql \"dbname=... replication=database\" \
+             -c 'ALTER_REPLICATION_SLOT {slot} (FAILOVER true)') while no relay streams it"
+        ),
+    }];
+    lines.push(if facts.synchronized_standby_slots.is_empty() {
+        "postgres: failover: synchronized_standby_slots is empty: the relay may publish \
+         changes no standby has yet; list the standbys' physical slots there, and set \
+         sync_replication_slots = on and hot_standby_feedback = on on each standby \
+         (not visible from the primary)"
+            .to_owned()
+    } else {
+        format!(
+            "postgres: failover: synchronized_standby_slots = {}: the relay only receives \
+             changes those standbys have; they keep a copy of the slot if \
+             sync_replication_slots = on and hot_standby_feedback = on there (not visible \
+             from the primary)",
+            facts.synchronized_standby_slots
+        )
+    });
+    lines
+}
+
+fn or_unset(setting: &str) -> &str {
+    if setting.is_empty() {
+        "unset"
+    } else {
+        setting
+    }
 }
 
 /// Polling mode: the columns, the trigger, the index and the rights on the state table.
@@ -400,4 +512,56 @@ async fn polling_status(
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_report_follows_the_server_version_and_settings() {
+        let before_17 = FailoverFacts {
+            server_version_num: 150_013,
+            slot_failover: Some(false),
+            ..FailoverFacts::default()
+        };
+        let lines = failover_report("s", &before_17);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("PostgreSQL 15 keeps logical slots on the primary only"));
+        assert!(lines[0].contains("A vanished slot"));
+
+        let mut facts = FailoverFacts {
+            server_version_num: 170_002,
+            slot_failover: Some(true),
+            ..FailoverFacts::default()
+        };
+        let lines = failover_report("s", &facts);
+        assert!(lines[0].contains("slot s has failover = true"), "{lines:?}");
+        assert!(
+            lines[1].contains("synchronized_standby_slots is empty"),
+            "{lines:?}"
+        );
+
+        facts.slot_failover = Some(false);
+        facts.synchronized_standby_slots = "standby_1".into();
+        let lines = failover_report("s", &facts);
+        assert!(
+            lines[0].contains("ALTER_REPLICATION_SLOT s (FAILOVER true)"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("synchronized_standby_slots = standby_1"),
+            "{lines:?}"
+        );
+
+        facts.slot_failover = None;
+        let lines = failover_report("s", &facts);
+        assert!(lines[0].contains("run will create slot s with failover = true"));
+
+        facts.in_recovery = true;
+        facts.sync_replication_slots = "on".into();
+        let lines = failover_report("s", &facts);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("this server is a standby (sync_replication_slots = on)"));
+    }
 }

@@ -682,8 +682,11 @@ impl Config {
                 ));
             }
         }
-        if source.message_prefix.is_empty() {
-            return Err(invalid("source.message_prefix", "must not be empty"));
+        if !is_message_prefix(&source.message_prefix) {
+            return Err(invalid(
+                "source.message_prefix",
+                "must be 1 to 63 characters of ASCII letters, digits and _ - . : /",
+            ));
         }
         if source.poll_interval.is_zero() {
             return Err(invalid("source.poll_interval", "must be greater than zero"));
@@ -790,6 +793,16 @@ fn is_slot_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A `pg_logical_emit_message` prefix `init` can write into `outbox.emit`'s dollar-quoted
+/// body as a plain string literal: no quote, backslash or `$` can end the literal or the body.
+fn is_message_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= MAX_IDENTIFIER_LEN
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/'))
 }
 
 /// A part of `schema.name`: any identifier the relay can quote safely.
@@ -2224,8 +2237,34 @@ created_at = ""
         long_ok.source.slot = "a_1".repeat(21);
         assert!(long_ok.validate().is_ok());
 
-        let err = validate_err(|c| c.source.message_prefix.clear());
-        assert_eq!(err, "source.message_prefix must not be empty");
+        for prefix in [
+            "",
+            "a$$b",
+            "$body$",
+            "it's",
+            "back\\slash",
+            "two words",
+            "tab\there",
+            "é",
+            "x".repeat(64).as_str(),
+        ] {
+            let err = validate_err(|c| c.source.message_prefix = prefix.into());
+            assert_eq!(
+                err,
+                "source.message_prefix must be 1 to 63 characters of ASCII letters, digits and _ - . : /",
+                "{prefix:?}"
+            );
+        }
+        for prefix in [
+            "outbox",
+            "shop.orders",
+            "app/v2:events-1_x",
+            "x".repeat(63).as_str(),
+        ] {
+            let mut ok = Config::default();
+            ok.source.message_prefix = prefix.into();
+            assert!(ok.validate().is_ok(), "{prefix:?}");
+        }
         let err = validate_err(|c| c.source.poll_interval = Duration::ZERO);
         assert_eq!(err, "source.poll_interval must be greater than zero");
 

@@ -30,6 +30,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STANDBY_RETRY: Duration = Duration::from_millis(1500);
 /// How often reachability and slot statistics are refreshed.
 const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a halted relay's loop wakes while it waits for the operator.
+const IDLE_WAKEUP: Duration = Duration::from_secs(5);
 /// Postgres connections for ordinary SQL (setup, monitoring); streaming has its own.
 const POOL_SIZE: usize = 4;
 
@@ -103,13 +105,15 @@ pub async fn run_with(
 
     let pool = pool(&config)?;
     let monitor_stop = CancellationToken::new();
-    tokio::spawn(monitor(
+    let monitor_task = monitor(
         Arc::clone(&config),
         pool.clone(),
         metrics.clone(),
         Arc::clone(&state),
         monitor_stop.clone(),
-    ));
+    );
+    let monitor_state = Arc::clone(&state);
+    tokio::spawn(async move { monitor_state.monitor.run(monitor_task).await });
 
     let router = Router::new(
         &config.kafka.topic,
@@ -123,7 +127,7 @@ pub async fn run_with(
         router,
         state: Arc::clone(&state),
     };
-    let result = sessions(&session, &shutdown).await;
+    let result = state.pipeline.run(sessions(&session, &shutdown)).await;
     monitor_stop.cancel();
     http_stop.cancel();
     result
@@ -154,7 +158,11 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
                 tracing::error!(error = %text, "relay halted: needs the operator");
                 session.state.set_halted(text);
                 session.metrics.halted.set(1);
-                shutdown.cancelled().await;
+                // Wake now and then: the heartbeat shows `/healthz` the loop is alive.
+                while tokio::time::timeout(IDLE_WAKEUP, shutdown.cancelled())
+                    .await
+                    .is_err()
+                {}
                 return Err(e.into());
             }
             Err(SourceError::SlotBusy { slot: held } | SourceError::LeaderBusy { table: held }) => {
@@ -213,6 +221,8 @@ async fn monitor(
         .ok()
         .map(Arc::new);
     let slot = config.source.slot.clone();
+    let mut last_wal_status = String::new();
+    let logical = config.source.mode == SourceMode::Logical;
     loop {
         let pg_ok = tokio::time::timeout(MONITOR_INTERVAL * 2, async {
             match pool.get().await {
@@ -220,24 +230,36 @@ async fn monitor(
                     let row = conn
                         .query_opt(
                             "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, \
-                                (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status \
+                                (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status, \
+                                confirmed_flush_lsn::text \
                          FROM pg_replication_slots WHERE slot_name = $1",
                             &[&slot],
                         )
                         .await;
                     match row {
                         Ok(row) => {
-                            let (retained, lag, wal_status) = row
+                            let (retained, lag, wal_status, confirmed) = row
                                 .map(|r| {
                                     (
                                         r.get::<_, Option<i64>>(0),
                                         r.get::<_, Option<i64>>(1),
                                         r.get::<_, Option<String>>(2),
+                                        r.get::<_, Option<String>>(3),
                                     )
                                 })
-                                .unwrap_or((None, None, None));
+                                .unwrap_or((None, None, None, None));
                             if let Some(status) = wal_status {
                                 metrics.set_wal_status(&status);
+                                if logical {
+                                    watch_wal_status(
+                                        &slot,
+                                        &status,
+                                        confirmed.as_deref(),
+                                        &mut last_wal_status,
+                                        &state,
+                                        &metrics,
+                                    );
+                                }
                             }
                             if let Some(bytes) = retained {
                                 metrics.slot_retained_wal_bytes.set(bytes);
@@ -279,5 +301,36 @@ async fn monitor(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(MONITOR_INTERVAL) => {}
         }
+    }
+}
+
+/// Reacts to the slot's `wal_status` changing. `unreserved` (more WAL held than
+/// `max_slot_wal_keep_size`) is a warning: the next checkpoint may remove it. `lost` is a
+/// definite error whatever the session is doing (it may be waiting for a topic and not
+/// reading the stream): the relay reports it halted with the way out.
+fn watch_wal_status(
+    slot: &str,
+    status: &str,
+    confirmed: Option<&str>,
+    last: &mut String,
+    state: &RelayState,
+    metrics: &Metrics,
+) {
+    if status == last {
+        return;
+    }
+    *last = status.to_owned();
+    match status {
+        "unreserved" => tracing::warn!(
+            slot,
+            "the slot holds more WAL than max_slot_wal_keep_size: it is lost at the next checkpoint unless the relay catches up"
+        ),
+        "lost" => {
+            let text = crate::source::setup::slot_lost(slot, confirmed).to_string();
+            tracing::error!(error = %text, "relay halted: needs the operator");
+            state.set_halted(text);
+            metrics.halted.set(1);
+        }
+        _ => {}
     }
 }

@@ -212,10 +212,19 @@ pub async fn run_session(
         .await;
     watchdog.abort();
     match &result {
-        // Halting (or any definite error) still delivers what was produced before it: those
-        // events precede the cause and nothing past them is confirmed.
+        // Halting (or any definite error) still delivers what was produced before it (those
+        // events precede the cause) and confirms everything acknowledged, so that fixing the
+        // cause and restarting resends nothing. The transaction holding the cause is never
+        // sealed, so the watermark stops before it.
         Err(e) if e.is_definite() => {
-            sink.drain(Instant::now() + DRAIN_DEADLINE).await;
+            if let Err(error) = sink
+                .drain_for_shutdown(&session.router, Instant::now() + DRAIN_DEADLINE)
+                .await
+            {
+                tracing::warn!(error = %crate::relay::error_chain(&error), "cannot drain before halting");
+            }
+            pipeline.confirm_acknowledged(&stream, &shared).await;
+            tracing::info!(confirmed = %Lsn::from_u64(pipeline.confirmed), "acknowledged events confirmed before halting");
             stream.abort();
         }
         Err(_) => {
@@ -621,22 +630,28 @@ impl Pipeline<'_> {
     ) -> Result<(), SourceError> {
         sink.drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
             .await?;
-        if let Some(lsn) = shared.checkpoint().take_confirmable() {
-            self.advance(stream, lsn);
-        }
-        // Wait until the final position has gone out in a status update.
-        let sent_deadline = Instant::now() + Duration::from_secs(3);
-        while self.stream_metrics.last_applied_lsn().as_u64() < self.confirmed
-            && Instant::now() < sent_deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.confirm_acknowledged(stream, shared).await;
         tracing::info!(confirmed = %Lsn::from_u64(self.confirmed), "final position confirmed");
         stream
             .shutdown()
             .await
             .map_err(|e| SourceError::replication(e, &self.cfg.source.slot))?;
         Ok(())
+    }
+
+    /// Confirms everything acknowledged and waits (up to 3 s, while the stream runs) until
+    /// that position has gone out in a status update.
+    async fn confirm_acknowledged(&mut self, stream: &ReplicationClient, shared: &Shared<u64>) {
+        if let Some(lsn) = shared.checkpoint().take_confirmable() {
+            self.advance(stream, lsn);
+        }
+        let sent_deadline = Instant::now() + Duration::from_secs(3);
+        while self.stream_metrics.last_applied_lsn().as_u64() < self.confirmed
+            && Instant::now() < sent_deadline
+            && stream.is_running()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -96,6 +96,15 @@ impl SourceError {
                 fix: "see the README section \"A vanished slot\"".into(),
             };
         }
+        // The slot was invalidated (`wal_status = lost`), or its WAL went before that was
+        // noticed: decoding from it can never resume.
+        // (PostgreSQL 15 says "cannot read from", later versions "can no longer get changes".)
+        if text.contains("can no longer get changes from replication slot")
+            || text.contains("cannot read from logical replication slot")
+            || (text.contains("requested WAL segment") && text.contains("already been removed"))
+        {
+            return setup::slot_lost(slot, None);
+        }
         if text.contains("publication") && text.contains("does not exist") {
             return Self::Definite {
                 problem: format!("the publication is missing ({text})"),
@@ -141,4 +150,31 @@ pub(crate) fn halt_if_invalid(
         ),
         fix: "correct the producer of this event, then set on_invalid = \"dead-letter\" to let it pass to the dead-letter topic".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_whose_wal_is_gone_is_definite() {
+        for text in [
+            // PostgreSQL 15
+            "ERROR: cannot read from logical replication slot \"s\" (SQLSTATE 55000)",
+            // PostgreSQL 16 and later
+            "ERROR: can no longer get changes from replication slot \"s\"",
+            "ERROR: requested WAL segment 000000010000000000000003 has already been removed",
+        ] {
+            let error = SourceError::replication(PgWireError::Server(text.into()), "s");
+            assert!(error.is_definite(), "{text}");
+            assert!(error.to_string().contains("wal_status = lost"), "{error}");
+        }
+        let transient = SourceError::replication(
+            PgWireError::Server(
+                "FATAL: terminating connection due to administrator command".into(),
+            ),
+            "s",
+        );
+        assert!(!transient.is_definite());
+    }
 }

@@ -230,8 +230,19 @@ pub async fn run_session(
         .await;
     backlog_stop.cancel();
     let _ = backlog.await;
-    if result.is_err() {
-        sink.purge();
+    match &result {
+        // Halting (or any definite error) still delivers what was produced before it (those
+        // rows precede the cause) and persists the cursor past everything acknowledged, so
+        // that fixing the cause and restarting resends nothing. The transaction holding the
+        // cause is never sealed, so the cursor stops before it.
+        Err(e) if e.is_definite() => {
+            if let Err(error) = poller.settle(&leader, &mut sink, &shared, session).await {
+                tracing::warn!(error = %crate::relay::error_chain(&error), "cannot persist the cursor before halting");
+            }
+            sink.purge();
+        }
+        Err(_) => sink.purge(),
+        Ok(()) => {}
     }
     session.state.set_leader(false);
     session.state.set_horizon_held_back(None);
@@ -478,6 +489,23 @@ impl Poller<'_> {
         self.persisted = self.confirmed;
         let _ = self.cursor_tx.send(self.confirmed);
         Ok(true)
+    }
+
+    /// After a definite error: delivers what is in flight (until the drain deadline) and
+    /// persists the cursor past what Kafka acknowledged.
+    async fn settle(
+        &mut self,
+        leader: &Leadership,
+        sink: &mut KafkaSink<Cursor>,
+        shared: &Arc<Shared<Cursor>>,
+        session: &Session,
+    ) -> Result<(), SourceError> {
+        let drained = sink
+            .drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
+            .await;
+        self.confirm(leader, sink, shared, session).await?;
+        tracing::info!(cursor = %self.confirmed, "acknowledged events confirmed before halting");
+        Ok(drained?)
     }
 
     /// Drains in-flight records and persists the final cursor; the caller then releases the

@@ -152,7 +152,8 @@ async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, S
     let slot = &cfg.source.slot;
     let row = client
         .query_opt(
-            "SELECT plugin, confirmed_flush_lsn::text, database = current_database() \
+            "SELECT plugin, confirmed_flush_lsn::text, database = current_database(), \
+                    wal_status \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[slot],
         )
@@ -201,18 +202,74 @@ async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, S
             fix: "choose another source.slot for this database".into(),
         });
     }
+    let wal_status: Option<String> = row.get(3);
+    match wal_status.as_deref() {
+        Some("lost") => return Err(slot_lost(slot, confirmed.as_deref())),
+        Some("unreserved") => tracing::warn!(
+            slot = %slot,
+            "the slot holds more WAL than max_slot_wal_keep_size: it is lost at the next checkpoint unless the relay catches up"
+        ),
+        _ => {}
+    }
     let position = parse_lsn(confirmed.as_deref().unwrap_or("0/0"))?;
     remember_slot(client, slot, position).await;
     Ok(position)
 }
 
+/// The definite error for a slot whose WAL is gone (`wal_status = lost`, beyond
+/// `max_slot_wal_keep_size`): the server can no longer decode from it, and the events
+/// committed after its confirmed position would be skipped by any new slot.
+pub fn slot_lost(slot: &str, confirmed: Option<&str>) -> SourceError {
+    let after = confirmed.map_or_else(
+        || "its last confirmed position (`outbox-relay status` shows it)".to_owned(),
+        |lsn| lsn.to_owned(),
+    );
+    SourceError::Definite {
+        problem: format!(
+            "replication slot {slot} lost the WAL it still needed (wal_status = lost: it fell \
+             more than max_slot_wal_keep_size behind); events committed after {after} were lost \
+             to the relay and will not be published from this slot"
+        ),
+        fix: format!(
+            "republish what is missing (outbox rows committed after {after}; events written \
+             with outbox.emit are gone), then SELECT pg_drop_replication_slot('{slot}') and \
+             DELETE FROM outbox.relay_state WHERE name = '{slot}' so the relay creates a new \
+             slot; raise max_slot_wal_keep_size so it does not happen again"
+        ),
+    }
+}
+
+/// The statement that creates the slot. PostgreSQL 17 and later get `failover = true`:
+/// standbys with `sync_replication_slots = on` then keep a copy, so a failover keeps the
+/// slot. Earlier servers have no such argument, and a standby cannot create a failover slot.
+fn create_slot_sql(server_version_num: i32, in_recovery: bool) -> &'static str {
+    if server_version_num >= FAILOVER_SLOTS_VERSION && !in_recovery {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    }
+}
+
+/// The first `server_version_num` whose logical slots can fail over (PostgreSQL 17).
+pub const FAILOVER_SLOTS_VERSION: i32 = 170_000;
+
+/// `server_version_num` and whether the server is a standby.
+pub async fn server_version(client: &impl GenericClient) -> Result<(i32, bool), SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .map_err(pg("reading the server version"))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 async fn create_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, SourceError> {
     let slot = &cfg.source.slot;
+    let (version, in_recovery) = server_version(client).await?;
     let created = client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[slot],
-        )
+        .query_one(create_slot_sql(version, in_recovery), &[slot])
         .await;
     let lsn = match created {
         Ok(row) => parse_lsn(row.get(0))?,
@@ -229,7 +286,12 @@ async fn create_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, S
         }
         Err(e) => return Err(pg("creating the replication slot")(e)),
     };
-    tracing::info!(slot = %slot, at = %pgwire_replication::Lsn::from_u64(lsn), "created replication slot");
+    tracing::info!(
+        slot = %slot,
+        at = %pgwire_replication::Lsn::from_u64(lsn),
+        failover = version >= FAILOVER_SLOTS_VERSION && !in_recovery,
+        "created replication slot"
+    );
     remember_slot(client, slot, lsn).await;
     Ok(lsn)
 }
@@ -501,4 +563,38 @@ async fn txid_index_exists(
         .await
         .map_err(pg("looking up the outbox table's indexes"))?
         .get(0))
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn slots_fail_over_from_postgres_17_on_a_primary() {
+        let failover = "pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)";
+        let plain = "pg_create_logical_replication_slot($1, 'pgoutput')";
+        assert!(create_slot_sql(150_013, false).contains(plain));
+        assert!(create_slot_sql(160_004, false).contains(plain));
+        assert!(create_slot_sql(170_000, false).contains(failover));
+        assert!(create_slot_sql(180_001, false).contains(failover));
+        assert!(
+            create_slot_sql(170_002, true).contains(plain),
+            "a standby cannot create a failover slot"
+        );
+    }
+
+    #[test]
+    fn a_lost_slot_says_what_was_lost_and_the_way_out() {
+        let SourceError::Definite { problem, fix } = slot_lost("outbox_relay", Some("0/3000060"))
+        else {
+            panic!("definite");
+        };
+        assert!(problem.contains("wal_status = lost"), "{problem}");
+        assert!(problem.contains("after 0/3000060"), "{problem}");
+        assert!(
+            fix.contains("pg_drop_replication_slot('outbox_relay')"),
+            "{fix}"
+        );
+        assert!(fix.contains("DELETE FROM outbox.relay_state WHERE name = 'outbox_relay'"));
+    }
 }
