@@ -4,6 +4,7 @@
 //! they need.
 
 pub mod backlog;
+pub mod coverage;
 pub mod leader;
 pub mod logical;
 pub mod pgoutput;
