@@ -109,7 +109,13 @@ pub async fn read(
 ) -> Result<(u64, Finding), SourceError> {
     // First, in a statement of its own: see the module docs.
     let lsn: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(
+            // A standby (logical decoding on a standby, PostgreSQL 16+) has no insert
+            // position; its catalog is as of the WAL it replayed.
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                         ELSE pg_current_wal_lsn() END::text",
+            &[],
+        )
         .await
         .map_err(pg("reading the current WAL position"))?
         .get(0);
@@ -173,15 +179,50 @@ pub async fn read(
 
 /// Verifies that the publication covers the outbox table with every configured column.
 pub async fn verify(client: &impl GenericClient, cfg: &Config) -> Result<Coverage, SourceError> {
+    verify_since(client, cfg, None).await
+}
+
+/// [`verify`], and when `start` is given, that the table is still the relation verified then
+/// and still in the publication through the same membership.
+async fn verify_since(
+    client: &impl GenericClient,
+    cfg: &Config,
+    start: Option<&Coverage>,
+) -> Result<Coverage, SourceError> {
     let (lsn, finding) = read(client, cfg).await?;
+    if let (Some(start), Some(relid)) = (start, finding.relid) {
+        // First: a recreated table is also missing from the publication, and this names why.
+        if relid != start.relid {
+            return Err(recreated(cfg, start.relid, relid));
+        }
+    }
     judge_table(&finding, cfg)?;
     judge_publication(&finding, cfg)?;
     let publication = finding.publication.unwrap_or_default();
-    Ok(Coverage {
+    let now = Coverage {
         relid: finding.relid.unwrap_or_default(),
         membership: publication.membership,
         lsn,
-    })
+    };
+    if let Some(start) = start {
+        compare(start, &now, cfg)?;
+    }
+    Ok(now)
+}
+
+/// The error for an outbox table dropped and created again under the same name.
+pub(crate) fn recreated(cfg: &Config, was: u32, now: impl std::fmt::Display) -> SourceError {
+    let table = table_sql(cfg);
+    let name = quote_ident(&cfg.source.publication);
+    definite(
+        format!(
+            "the outbox table {table} was dropped and created again while the relay ran (relation {was} is now {now})"
+        ),
+        format!(
+            "make sure publication {name} publishes the new table (ALTER PUBLICATION {name} ADD TABLE {table}) and restart the relay; \
+             inserts into the new table committed before it was in the publication are not in the replication stream: republish them"
+        ),
+    )
 }
 
 fn definite(problem: String, fix: String) -> SourceError {
@@ -320,18 +361,8 @@ fn publish_with_insert(publication: &Publication) -> String {
 /// Compares a verification made while streaming with the one the session started from.
 fn compare(start: &Coverage, now: &Coverage, cfg: &Config) -> Result<(), SourceError> {
     let table = table_sql(cfg);
-    let name = quote_ident(&cfg.source.publication);
     if now.relid != start.relid {
-        return Err(definite(
-            format!(
-                "the outbox table {table} was dropped and created again while the relay ran (relation {} is now {})",
-                start.relid, now.relid
-            ),
-            format!(
-                "make sure publication {name} publishes the new table (ALTER PUBLICATION {name} ADD TABLE {table}) and restart the relay; \
-                 inserts into the new table committed before it was in the publication are not in the replication stream: republish them"
-            ),
-        ));
+        return Err(recreated(cfg, start.relid, now.relid));
     }
     if start.membership.is_some() && now.membership != start.membership {
         return Err(definite(
@@ -403,7 +434,7 @@ impl Gate {
         }
         let result = tokio::time::timeout(VERIFY_TIMEOUT, async {
             let client = self.pool.get().await.map_err(SourceError::pool)?;
-            let result = verify(&**client, &self.config).await;
+            let result = verify_since(&**client, &self.config, Some(&self.start)).await;
             if matches!(result, Err(SourceError::Postgres { .. })) {
                 // A broken connection must not go back to the pool.
                 let _ = deadpool_postgres::Object::take(client);
@@ -412,7 +443,7 @@ impl Gate {
         })
         .await;
         let now = match result {
-            Ok(Ok(now)) => compare(&self.start, &now, &self.config).map(|()| now),
+            Ok(Ok(now)) => Ok(now),
             Ok(Err(e)) if e.is_definite() => Err(e),
             Ok(Err(e)) => {
                 tracing::debug!(error = %crate::relay::error_chain(&e), "cannot verify the publication's coverage now");
@@ -504,7 +535,8 @@ mod tests {
     #[test]
     fn each_gap_names_its_fix() {
         let cfg = Config::default();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Finding)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut Finding)>;
+        let cases: Vec<(&str, Change, &str)> = vec![
             ("no table", Box::new(|f| f.relid = None), "does not exist"),
             ("no publication", Box::new(|f| f.publication = None), "CREATE PUBLICATION \"outbox_relay\" FOR TABLE \"outbox\".\"events\" WITH (publish_via_partition_root = true)"),
             (

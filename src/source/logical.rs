@@ -614,20 +614,11 @@ impl Pipeline<'_> {
         if id == start.relid || commit <= start.lsn {
             return Ok(());
         }
-        let table = super::setup::table_sql(self.cfg);
-        Err(SourceError::Definite {
-            problem: format!(
-                "the outbox table {table} was dropped and created again while the relay ran \
-                 (relation {} is now {id}, in the transaction committed at {commit_lsn})",
-                start.relid
-            ),
-            fix: format!(
-                "make sure publication {} publishes the new table, then restart the relay; \
-                 inserts into it committed before it was in the publication are not in the \
-                 replication stream: republish them",
-                self.cfg.source.publication
-            ),
-        })
+        Err(super::coverage::recreated(
+            self.cfg,
+            start.relid,
+            format_args!("{id}, in the transaction committed at {commit_lsn}"),
+        ))
     }
 
     fn ignored(&self, relation_id: u32, operation: &str, sink: &KafkaSink<u64>) {
