@@ -64,7 +64,7 @@ impl OutboxColumns {
                         "the replication stream describes {table} without column {name:?} \
                          (source.columns.{key}) in the transaction committed at {commit_lsn} \
                          (renamed, dropped, or left out by the publication's column list); \
-                         nothing of that transaction was published"
+                         nothing from there on was published"
                     ),
                     fix: format!(
                         "point source.columns.{key} at the column's new name, or restore the \
@@ -839,6 +839,56 @@ mod tests {
         assert_eq!(event.id, Some("id-1"));
         assert_eq!(event.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
         assert_eq!(event.timestamp_ms, Some(42));
+    }
+
+    fn outbox_relation(columns: &[&str]) -> Relation {
+        Relation {
+            id: 7,
+            namespace: "outbox".into(),
+            name: "events".into(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|name| pgoutput::Column {
+                    flags: 0,
+                    name: (*name).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_relation_without_a_configured_column_is_a_definite_error() {
+        let cfg = Config::default();
+        let all = [
+            "id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "payload",
+            "headers",
+            "created_at",
+        ];
+        let columns = OutboxColumns::locate(&outbox_relation(&all), &cfg, "0/1").unwrap();
+        assert_eq!(columns.payload, Some(4));
+        let renamed = outbox_relation(&all.map(|c| if c == "payload" { "body" } else { c }));
+        let error = OutboxColumns::locate(&renamed, &cfg, "0/1").unwrap_err();
+        assert!(error.is_definite());
+        assert!(
+            error
+                .to_string()
+                .contains("\"payload\" (source.columns.payload)"),
+            "{error}"
+        );
+        // An optional column the mapping leaves out may be absent; a configured one may not.
+        let without_headers = outbox_relation(&all[..5]);
+        assert!(OutboxColumns::locate(&without_headers, &cfg, "0/1").is_err());
+        let mut cfg = cfg;
+        cfg.source.columns.headers = None;
+        cfg.source.columns.created_at = None;
+        assert!(OutboxColumns::locate(&without_headers, &cfg, "0/1").is_ok());
     }
 
     #[test]
