@@ -18,11 +18,12 @@
 //! is read. Removing a table and putting it back between two verifications is caught through
 //! the publication membership's own oid, which changes when it is added again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwire_replication::Lsn;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::GenericClient;
 
 use super::setup::{parse_lsn, pg, quote_ident, table_sql};
@@ -385,6 +386,10 @@ pub struct Gate {
     verified: AtomicU64,
     /// The definite problem a verification found: (problem, fix).
     lost: Mutex<Option<(String, String)>>,
+    /// Postgres refuses new sessions because it is shutting down. A fast shutdown waits for
+    /// the walsender's client to confirm the end of WAL, which cannot be verified any more:
+    /// the session must leave the stream instead, and resume from the verified position.
+    stopping: AtomicBool,
 }
 
 impl Gate {
@@ -395,6 +400,7 @@ impl Gate {
             start,
             verified: AtomicU64::new(start.lsn),
             lost: Mutex::new(None),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -408,11 +414,16 @@ impl Gate {
         self.verified.load(Ordering::Relaxed)
     }
 
-    /// The definite error a verification found, once coverage is lost.
+    /// Why the session must end: the definite error a verification found once coverage is
+    /// lost, or Postgres shutting down.
     pub fn lost(&self) -> Option<SourceError> {
         let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        lost.as_ref()
-            .map(|(problem, fix)| definite(problem.clone(), fix.clone()))
+        if let Some((problem, fix)) = lost.as_ref() {
+            return Some(definite(problem.clone(), fix.clone()));
+        }
+        self.stopping
+            .load(Ordering::Relaxed)
+            .then_some(SourceError::ServerStopping)
     }
 
     /// Verifies every [`VERIFY_EVERY`] until coverage is lost (then it stops: the pipeline
@@ -432,6 +443,9 @@ impl Gate {
         if self.lost().is_some() {
             return false;
         }
+        if self.stopping.load(Ordering::Relaxed) {
+            return false;
+        }
         let result = tokio::time::timeout(VERIFY_TIMEOUT, async {
             let client = self.pool.get().await.map_err(SourceError::pool)?;
             let result = verify_since(&**client, &self.config, Some(&self.start)).await;
@@ -445,6 +459,11 @@ impl Gate {
         let now = match result {
             Ok(Ok(now)) => Ok(now),
             Ok(Err(e)) if e.is_definite() => Err(e),
+            Ok(Err(e)) if server_stopping(&e) => {
+                tracing::info!("postgres is shutting down: leaving the replication stream");
+                self.stopping.store(true, Ordering::Relaxed);
+                return false;
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %crate::relay::error_chain(&e), "cannot verify the publication's coverage now");
                 return true;
@@ -470,6 +489,19 @@ impl Gate {
             Err(_) => true,
         }
     }
+}
+
+/// Whether `e` says that Postgres is shutting down (new sessions refused, or ours ended by
+/// the administrator's shutdown).
+fn server_stopping(e: &SourceError) -> bool {
+    let source = match e {
+        SourceError::Postgres { source, .. } => source,
+        SourceError::Pool(deadpool_postgres::PoolError::Backend(source)) => source,
+        _ => return false,
+    };
+    source
+        .code()
+        .is_some_and(|c| *c == SqlState::CANNOT_CONNECT_NOW || *c == SqlState::ADMIN_SHUTDOWN)
 }
 
 #[cfg(test)]
