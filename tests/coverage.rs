@@ -306,3 +306,40 @@ fn renaming_a_column_while_running_halts_without_a_tombstone() {
     );
     assert_eq!(numbers(&records), (0..5).collect::<HashSet<_>>());
 }
+
+#[test]
+fn a_table_removed_from_the_publication_and_added_back_while_running_halts_with_the_slot_held() {
+    let world = World::new();
+    let (relay, port) = world.relay_with(&[]);
+    world.wait_streaming();
+    insert_events(&world, 0, 9, "2024-06-01");
+    let _ = consume_n(&world, &topics(&["order"]), 10, Duration::from_secs(60));
+
+    // Out of the publication for one insert, then back in: that insert is not in the stream.
+    let removed_at = world.psql(
+        "ALTER PUBLICATION outbox_relay DROP TABLE outbox.events;
+         SELECT pg_current_wal_lsn();
+         INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('order', 'unseen', 'Happened', '{\"n\": 10}');
+         ALTER PUBLICATION outbox_relay ADD TABLE outbox.events;",
+    );
+    let removed_at = removed_at.trim();
+    insert_events(&world, 11, 14, "2024-06-01");
+    world.psql("CREATE TABLE busy AS SELECT g FROM generate_series(1, 10000) g");
+
+    // Caught either while out of the publication or, once back, by its new membership.
+    let error = wait_halted(&relay, port, "publication outbox_relay");
+    assert!(
+        error.contains("added again") || error.contains("does not publish"),
+        "says what happened: {error}"
+    );
+    println!("halted: {error}");
+    let held = world.psql(&format!(
+        "SELECT confirmed_flush_lsn <= '{removed_at}'::pg_lsn, confirmed_flush_lsn \
+         FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+    ));
+    assert!(
+        held.trim().starts_with("t|"),
+        "the slot ({held}) stays before the unseen insert (after {removed_at})"
+    );
+}
