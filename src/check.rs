@@ -10,7 +10,7 @@ use crate::config::{Config, SourceMode};
 use crate::relay::{error_chain, pool, RunError};
 use crate::sink::kafka;
 use crate::source::setup::PollingSetup;
-use crate::source::{leader, polling, setup, SourceError};
+use crate::source::{coverage, leader, polling, setup, SourceError};
 
 /// `outbox-relay init`: applies `sql/outbox.sql`, then creates the publication and slot
 /// (logical mode) or the notify trigger and the `(txid, seq)` index (polling mode).
@@ -26,6 +26,12 @@ pub async fn init(cfg: &Config) -> Result<(), RunError> {
             setup::table_sql(cfg)
         );
         return Ok(());
+    }
+    for statement in setup::repair_publication(&**client, cfg).await? {
+        println!(
+            "logical: ran {statement}; inserts committed while the table was not covered are \
+             not in the replication stream: republish them"
+        );
     }
     let mut forced = cfg.clone();
     forced.source.create = true;
@@ -151,21 +157,29 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
         return Ok(lines);
     }
 
-    let publication = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&cfg.source.publication],
-        )
-        .await
-        .map_err(|source| SourceError::Postgres {
-            context: "looking up the publication",
-            source,
-        })?;
-    match (publication, cfg.source.create) {
-        (Some(_), _) => lines.push(format!(
-            "postgres: publication {} exists",
-            cfg.source.publication
-        )),
+    let (_, finding) = coverage::read(&**client, cfg).await?;
+    coverage::judge_table(&finding, cfg)?;
+    lines.push(format!(
+        "postgres: {table} has every configured column ({})",
+        coverage::required_columns(cfg)
+            .iter()
+            .map(|(_, name)| *name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    match (&finding.publication, cfg.source.create) {
+        (Some(_), _) => {
+            coverage::judge_publication(&finding, cfg)?;
+            lines.push(format!(
+                "postgres: publication {} publishes the inserts of {table}{}",
+                cfg.source.publication,
+                if finding.partitioned {
+                    " (partitioned: via its root)"
+                } else {
+                    ""
+                }
+            ));
+        }
         (None, true) => lines.push(format!(
             "postgres: publication {} missing; run will create it (source.create = true)",
             cfg.source.publication

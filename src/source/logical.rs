@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
 
+use super::coverage::Gate;
 use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
 use super::{Session, SourceError};
@@ -51,11 +52,33 @@ struct OutboxColumns {
 }
 
 impl OutboxColumns {
-    fn locate(relation: &Relation, cfg: &Config) -> Self {
+    /// Finds every configured column in the outbox's Relation message. One that is missing
+    /// (renamed, dropped, left out by a column list) is a definite error: reading on would
+    /// publish events without it (a NULL payload is a tombstone).
+    fn locate(relation: &Relation, cfg: &Config, commit_lsn: &str) -> Result<Self, SourceError> {
+        for (key, name) in super::coverage::required_columns(cfg) {
+            if relation.column_index(name).is_none() {
+                let table = super::setup::table_sql(cfg);
+                return Err(SourceError::Definite {
+                    problem: format!(
+                        "the replication stream describes {table} without column {name:?} \
+                         (source.columns.{key}) in the transaction committed at {commit_lsn} \
+                         (renamed, dropped, or left out by the publication's column list); \
+                         nothing from there on was published"
+                    ),
+                    fix: format!(
+                        "point source.columns.{key} at the column's new name, or restore the \
+                         column (ALTER TABLE {table} RENAME COLUMN ... TO {}), then restart the \
+                         relay; see README \"Coverage\"",
+                        super::setup::quote_ident(name)
+                    ),
+                });
+            }
+        }
         let cols = &cfg.source.columns;
-        let find = |name: &str| relation.columns.iter().position(|c| c.name == name);
+        let find = |name: &str| relation.column_index(name);
         let payload = find(&cols.payload);
-        Self {
+        Ok(Self {
             id: find(&cols.id),
             aggregate_type: find(&cols.aggregate_type),
             aggregate_id: find(&cols.aggregate_id),
@@ -66,7 +89,7 @@ impl OutboxColumns {
                 .is_some_and(|c| c.type_oid == TYPE_BYTEA),
             headers: cols.headers.as_deref().and_then(find),
             created_at: cols.created_at.as_deref().and_then(find),
-        }
+        })
     }
 }
 
@@ -74,6 +97,8 @@ impl OutboxColumns {
 struct OpenTransaction {
     unit: u64,
     commit_lsn: String,
+    /// `commit_lsn` as a number.
+    commit: u64,
     commit_ms: i64,
 }
 
@@ -185,12 +210,20 @@ pub async fn run_session(
         feedback_ms = status_interval.as_millis() as u64,
         "streaming the outbox"
     );
+    let coverage = Gate::new(
+        session.pool.clone(),
+        Arc::clone(&session.config),
+        prepared.coverage,
+    );
+    let coverage_watch = tokio::spawn(Arc::clone(&coverage).watch());
     let mut pipeline = Pipeline {
         cfg,
         router: session.router.clone(),
         relations: HashMap::new(),
         open: None,
         confirmed: prepared.confirmed_flush,
+        wanted: prepared.confirmed_flush,
+        coverage,
         stream_metrics: stream.metrics(),
     };
     let stream_lost = CancellationToken::new();
@@ -211,6 +244,7 @@ pub async fn run_session(
         )
         .await;
     watchdog.abort();
+    coverage_watch.abort();
     match &result {
         // Halting (or any definite error) still delivers what was produced before it (those
         // events precede the cause) and confirms everything acknowledged, so that fixing the
@@ -345,7 +379,12 @@ struct Pipeline<'a> {
     router: Router,
     relations: HashMap<u32, Option<OutboxColumns>>,
     open: Option<OpenTransaction>,
+    /// The position last sent to the server.
     confirmed: u64,
+    /// The newest position Kafka's acks (or an idle keepalive) allow; confirmed once coverage
+    /// is verified up to it.
+    wanted: u64,
+    coverage: Arc<Gate>,
     stream_metrics: Arc<pgwire_replication::ReplicationMetrics>,
 }
 
@@ -384,7 +423,7 @@ impl Pipeline<'_> {
                 }
                 // 3. Confirm what Kafka has acknowledged; surface delivery failures.
                 _ = tick.tick() => {
-                    self.confirm(stream, sink, shared, session);
+                    self.confirm(stream, sink, shared, session)?;
                     if let Some(failure) = shared.failure() {
                         return Err(SourceError::Sink(crate::sink::kafka::SinkError::Delivery(failure)));
                     }
@@ -403,14 +442,18 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Publishes the newest confirmable position to the server and refreshes gauges.
+    /// Publishes the newest confirmable position to the server and refreshes gauges; fails
+    /// once coverage of the outbox table is lost.
     fn confirm(
         &mut self,
         stream: &ReplicationClient,
         sink: &KafkaSink<u64>,
         shared: &Shared<u64>,
         session: &Session,
-    ) {
+    ) -> Result<(), SourceError> {
+        if let Some(lost) = self.coverage.lost() {
+            return Err(lost);
+        }
         let (confirmable, inflight, oldest) = {
             let mut checkpoint = shared.checkpoint();
             (
@@ -419,9 +462,8 @@ impl Pipeline<'_> {
                 checkpoint.oldest_committed_at(),
             )
         };
-        if let Some(lsn) = confirmable {
-            self.advance(stream, lsn);
-        }
+        // Also when nothing new was acknowledged: the verified position may have moved on.
+        self.advance(stream, confirmable.unwrap_or(0));
         let metrics = &session.metrics;
         metrics.inflight_events.set(inflight as i64);
         let age = oldest.map_or(0, |at| at.elapsed().as_secs() as i64);
@@ -432,12 +474,17 @@ impl Pipeline<'_> {
         session
             .state
             .set_position(Lsn::from_u64(self.confirmed).to_string());
+        Ok(())
     }
 
+    /// Confirms up to `lsn`, but never past the last position at which the publication was
+    /// verified to cover the outbox table (see `coverage`): beyond it, events may be missing.
     fn advance(&mut self, stream: &ReplicationClient, lsn: u64) {
-        if lsn > self.confirmed {
-            self.confirmed = lsn;
-            stream.update_applied_lsn(Lsn::from_u64(lsn));
+        self.wanted = self.wanted.max(lsn);
+        let to = self.wanted.min(self.coverage.verified());
+        if to > self.confirmed {
+            self.confirmed = to;
+            stream.update_applied_lsn(Lsn::from_u64(to));
         }
     }
 
@@ -462,6 +509,7 @@ impl Pipeline<'_> {
                 self.open = Some(OpenTransaction {
                     unit,
                     commit_lsn: final_lsn.to_string(),
+                    commit: final_lsn.as_u64(),
                     commit_ms,
                 });
             }
@@ -530,8 +578,16 @@ impl Pipeline<'_> {
         match message {
             Message::Relation(relation) => {
                 let (schema, table) = self.cfg.source.table_parts();
-                let columns = (relation.namespace == schema && relation.name == table)
-                    .then(|| OutboxColumns::locate(&relation, self.cfg));
+                let columns = if relation.namespace == schema && relation.name == table {
+                    let (commit, commit_lsn) = self
+                        .open
+                        .as_ref()
+                        .map_or((0, ""), |tx| (tx.commit, tx.commit_lsn.as_str()));
+                    self.same_relation(relation.id, commit, commit_lsn)?;
+                    Some(OutboxColumns::locate(&relation, self.cfg, commit_lsn)?)
+                } else {
+                    None
+                };
                 self.relations.insert(relation.id, columns);
             }
             Message::Insert { relation_id, new } => {
@@ -557,6 +613,21 @@ impl Pipeline<'_> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// An outbox relation in a transaction committed after the start's verification must be
+    /// the relation verified then; another one means the table was dropped and created again
+    /// since (earlier transactions may legitimately show an older table of that name).
+    fn same_relation(&self, id: u32, commit: u64, commit_lsn: &str) -> Result<(), SourceError> {
+        let start = self.coverage.start();
+        if id == start.relid || commit <= start.lsn {
+            return Ok(());
+        }
+        Err(super::coverage::recreated(
+            self.cfg,
+            start.relid,
+            format_args!("{id}, in the transaction committed at {commit_lsn}"),
+        ))
     }
 
     fn ignored(&self, relation_id: u32, operation: &str, sink: &KafkaSink<u64>) {
@@ -630,7 +701,12 @@ impl Pipeline<'_> {
     ) -> Result<(), SourceError> {
         sink.drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
             .await?;
+        // Coverage is verified once more inside, so the final position may be confirmed: a
+        // restart then resends nothing.
         self.confirm_acknowledged(stream, shared).await;
+        if let Some(lost) = self.coverage.lost() {
+            return Err(lost);
+        }
         tracing::info!(confirmed = %Lsn::from_u64(self.confirmed), "final position confirmed");
         stream
             .shutdown()
@@ -641,10 +717,12 @@ impl Pipeline<'_> {
 
     /// Confirms everything acknowledged and waits (up to 3 s, while the stream runs) until
     /// that position has gone out in a status update.
+    /// Confirmation stops at the last position where coverage was verified; the check runs
+    /// once more first (it changes nothing once coverage is lost).
     async fn confirm_acknowledged(&mut self, stream: &ReplicationClient, shared: &Shared<u64>) {
-        if let Some(lsn) = shared.checkpoint().take_confirmable() {
-            self.advance(stream, lsn);
-        }
+        self.coverage.refresh().await;
+        let acked = shared.checkpoint().take_confirmable();
+        self.advance(stream, acked.unwrap_or(0));
         let sent_deadline = Instant::now() + Duration::from_secs(3);
         while self.stream_metrics.last_applied_lsn().as_u64() < self.confirmed
             && Instant::now() < sent_deadline
@@ -778,6 +856,56 @@ mod tests {
         assert_eq!(event.id, Some("id-1"));
         assert_eq!(event.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
         assert_eq!(event.timestamp_ms, Some(42));
+    }
+
+    fn outbox_relation(columns: &[&str]) -> Relation {
+        Relation {
+            id: 7,
+            namespace: "outbox".into(),
+            name: "events".into(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|name| pgoutput::Column {
+                    flags: 0,
+                    name: (*name).into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_relation_without_a_configured_column_is_a_definite_error() {
+        let cfg = Config::default();
+        let all = [
+            "id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "payload",
+            "headers",
+            "created_at",
+        ];
+        let columns = OutboxColumns::locate(&outbox_relation(&all), &cfg, "0/1").unwrap();
+        assert_eq!(columns.payload, Some(4));
+        let renamed = outbox_relation(&all.map(|c| if c == "payload" { "body" } else { c }));
+        let error = OutboxColumns::locate(&renamed, &cfg, "0/1").unwrap_err();
+        assert!(error.is_definite());
+        assert!(
+            error
+                .to_string()
+                .contains("\"payload\" (source.columns.payload)"),
+            "{error}"
+        );
+        // An optional column the mapping leaves out may be absent; a configured one may not.
+        let without_headers = outbox_relation(&all[..5]);
+        assert!(OutboxColumns::locate(&without_headers, &cfg, "0/1").is_err());
+        let mut cfg = cfg;
+        cfg.source.columns.headers = None;
+        cfg.source.columns.created_at = None;
+        assert!(OutboxColumns::locate(&without_headers, &cfg, "0/1").is_ok());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! they need.
 
 pub mod backlog;
+pub mod coverage;
 pub mod leader;
 pub mod logical;
 pub mod pgoutput;
@@ -60,6 +61,10 @@ pub enum SourceError {
     Timeout(&'static str),
     #[error("the replication connection is dead (the server has no walsender for it)")]
     StreamLost,
+    /// Postgres is shutting down: coverage can no longer be verified, so the stream is left
+    /// (the server waits for its clients to confirm everything) and resumed when it is back.
+    #[error("postgres is shutting down")]
+    ServerStopping,
     #[error("cannot decode a pgoutput message")]
     Decode(#[source] pgoutput::DecodeError),
     #[error(transparent)]

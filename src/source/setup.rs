@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::GenericClient;
 
+use super::coverage::{self, Coverage};
 use super::SourceError;
 use crate::config::Config;
 
@@ -27,6 +28,8 @@ pub struct Prepared {
     /// The slot's `confirmed_flush_lsn`: streaming resumes here.
     pub confirmed_flush: u64,
     pub wal_sender_timeout: Duration,
+    /// The publication's coverage of the outbox table, verified at start.
+    pub coverage: Coverage,
 }
 
 pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
@@ -68,13 +71,15 @@ pub async fn apply_schema(client: &impl GenericClient, cfg: &Config) -> Result<(
 }
 
 /// Checks `wal_level`, makes sure the publication and slot exist (creating them when
-/// `source.create` allows), and reads where streaming resumes.
+/// `source.create` allows), verifies that the publication covers the outbox table, and reads
+/// where streaming resumes.
 pub async fn prepare_logical(
     client: &impl GenericClient,
     cfg: &Config,
 ) -> Result<Prepared, SourceError> {
     check_wal_level(client).await?;
     ensure_publication(client, cfg).await?;
+    let coverage = coverage::verify(client, cfg).await?;
     let confirmed_flush = ensure_slot(client, cfg).await?;
     let timeout_ms: i64 = client
         .query_one(
@@ -87,6 +92,7 @@ pub async fn prepare_logical(
     Ok(Prepared {
         confirmed_flush,
         wal_sender_timeout: Duration::from_millis(timeout_ms.max(0) as u64),
+        coverage,
     })
 }
 
@@ -105,6 +111,9 @@ pub async fn check_wal_level(client: &impl GenericClient) -> Result<(), SourceEr
     Ok(())
 }
 
+/// Creates the publication when it is missing and `source.create` allows. An existing one is
+/// never altered here (it may be shared, and is the owner's to change): whether it covers the
+/// outbox table is [`coverage::verify`]'s to say, with the statement that fixes it.
 async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result<(), SourceError> {
     let publication = &cfg.source.publication;
     let exists = client
@@ -122,14 +131,16 @@ async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result
         return Err(SourceError::Definite {
             problem: format!("publication {publication} does not exist and source.create is false"),
             fix: format!(
-                "run `outbox-relay init`, or CREATE PUBLICATION {} FOR TABLE {} as the table owner",
+                "run `outbox-relay init`, or CREATE PUBLICATION {} FOR TABLE {} \
+                 WITH (publish_via_partition_root = true) as the table owner",
                 quote_ident(publication),
                 table_sql(cfg)
             ),
         });
     }
+    // Via the root: inserts into a partitioned outbox's partitions arrive under its name.
     let sql = format!(
-        "CREATE PUBLICATION {} FOR TABLE {}",
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
         quote_ident(publication),
         table_sql(cfg)
     );
@@ -145,6 +156,63 @@ async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result
         }),
         Err(e) => Err(pg("creating the publication")(e)),
     }
+}
+
+/// `outbox-relay init`: makes an existing publication cover the outbox table — adds the
+/// table, turns on inserts, and for a partitioned table `publish_via_partition_root` — and
+/// returns the statements it ran. A row filter or a column list is left alone: someone chose
+/// it, and [`coverage::verify`] names the fix. A missing publication is created later, by
+/// `prepare_logical`.
+pub async fn repair_publication(
+    client: &impl GenericClient,
+    cfg: &Config,
+) -> Result<Vec<String>, SourceError> {
+    let (_, finding) = coverage::read(client, cfg).await?;
+    let (Some(_), Some(publication)) = (finding.relid, &finding.publication) else {
+        return Ok(Vec::new());
+    };
+    let name = quote_ident(&cfg.source.publication);
+    let mut statements = Vec::new();
+    if !publication.insert {
+        let mut publish = vec!["insert"];
+        for (what, on) in [
+            ("update", publication.update),
+            ("delete", publication.delete),
+            ("truncate", publication.truncate),
+        ] {
+            if on {
+                publish.push(what);
+            }
+        }
+        statements.push(format!(
+            "ALTER PUBLICATION {name} SET (publish = '{}')",
+            publish.join(", ")
+        ));
+    }
+    if finding.partitioned && !publication.via_root {
+        statements.push(format!(
+            "ALTER PUBLICATION {name} SET (publish_via_partition_root = true)"
+        ));
+    }
+    let member = publication.all_tables || publication.membership.is_some();
+    if !publication.listed && !member {
+        statements.push(format!(
+            "ALTER PUBLICATION {name} ADD TABLE {}",
+            table_sql(cfg)
+        ));
+    }
+    if statements.is_empty() {
+        return Ok(statements);
+    }
+    let sql = format!("BEGIN; {}; COMMIT", statements.join("; "));
+    if let Err(e) = client.batch_execute(&sql).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(pg("making the publication cover the outbox table")(e));
+    }
+    for statement in &statements {
+        tracing::info!(statement = %statement, "altered the publication to cover the outbox table");
+    }
+    Ok(statements)
 }
 
 /// Returns the slot's confirmed position, creating the slot on the very first start.
@@ -325,7 +393,7 @@ async fn remember_slot(client: &impl GenericClient, slot: &str, position: u64) {
     }
 }
 
-fn parse_lsn(text: &str) -> Result<u64, SourceError> {
+pub(crate) fn parse_lsn(text: &str) -> Result<u64, SourceError> {
     pgwire_replication::Lsn::parse(text)
         .map(|l| l.as_u64())
         .map_err(|_| SourceError::Definite {
