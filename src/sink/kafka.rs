@@ -4,18 +4,30 @@
 //! Records are handed to librdkafka with their watermark unit's number as the delivery
 //! opaque; the delivery callback (on librdkafka's polling thread) acknowledges the unit, so
 //! the source can confirm positions as soon as a contiguous run of units is acknowledged. A
-//! full local queue is backpressure: `send` waits for room instead of failing. A record Kafka
-//! refuses for its own content (too large, illegal topic) comes back to the pipeline as a
-//! [`Refused`] to be dead-lettered in the same unit; any other delivery failure is a
-//! transient fault that restarts the pipeline from the confirmed position.
+//! full local queue is backpressure: `send` waits for room instead of failing, but not past
+//! a lost leadership or a shutdown's deadline. A record Kafka refuses for its own content
+//! (too large, illegal topic) comes back to the pipeline as a [`Refused`] to be dead-lettered
+//! in the same unit; any other delivery failure is a transient fault that restarts the
+//! pipeline from the confirmed position.
+//!
+//! Two refusals need more than that:
+//! - The broker refuses a whole *batch* as too large when the topic's `max.message.bytes` is
+//!   below the batch. Only a record that was alone in its batch (bigger than `batch.size`) is
+//!   too large itself and dead-lettered; otherwise the relay learns the topic's limit (or, if
+//!   it can't read it, halves `batch.size`), caps `batch.size` below it for the rest of the
+//!   process, and restarts from the confirmed position: records are resent in order, in
+//!   batches that fit, with their values.
+//! - A dead-letter record the broker refuses is sent once more without its value; refused
+//!   again, the relay halts with a definite error instead of restarting forever.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -27,7 +39,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Checkpoint, UnitId};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
-use crate::route::{DeadLetterReason, Routed, Router};
+use crate::route::{DeadLetterReason, Record, Routed, Router};
 use crate::status::RelayState;
 use tokio_util::sync::CancellationToken;
 
@@ -54,10 +66,31 @@ const MISSING_TOPIC_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How long `send` sleeps when librdkafka's queue is full before trying again.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(1);
+/// After shutdown, how long one wait for room in a full queue may last. Kafka taking records
+/// at all empties the queue within milliseconds, so the open transaction still finishes
+/// cleanly; Kafka down would hold the queue full forever. Below the sources' drain deadline.
+const QUEUE_WAIT_ON_SHUTDOWN: Duration = Duration::from_secs(5);
+/// A wait for room this long is logged: Kafka takes no records.
+const QUEUE_WAIT_LOG_AFTER: Duration = Duration::from_secs(5);
+
+/// librdkafka's default `batch.size`.
+const DEFAULT_BATCH_BYTES: usize = 1_000_000;
+/// The smallest `batch.size` the relay caps the producer to.
+const MIN_BATCH_BYTES: usize = 1_024;
+/// How long reading a topic's `max.message.bytes` may take.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `batch.size` cap learned from topics that refused a batch as too large (0: none). It
+/// outlives the session that learned it, so the restarted producer is built with it; a new
+/// process learns it again on the first refusal.
+static BATCH_CAP: AtomicUsize = AtomicUsize::new(0);
 
 /// Bits of the delivery opaque that say what kind of record it was (0 = an event, else a
-/// dead-letter reason + 1); the rest is the unit id.
-const KIND_BITS: u32 = 3;
+/// dead-letter reason + 1, plus [`WITHOUT_VALUE`] on a dead-letter record's second try); the
+/// rest is the unit id.
+const KIND_BITS: u32 = 4;
+/// The kind bit of a dead-letter record resent without its value after a refusal.
+const WITHOUT_VALUE: usize = 1 << (KIND_BITS - 1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -71,6 +104,32 @@ pub enum SinkError {
     Delivery(String),
     #[error("stopped while waiting for topic {0}")]
     Stopped(String),
+    #[error("shutdown could not wait any longer for room in the producer queue (Kafka takes no records); what it holds is resent after the restart")]
+    QueueFullAtShutdown,
+    #[error("leadership was lost while waiting for room in the producer queue")]
+    LeadershipLost,
+    #[error("topic {topic} refused a batch of records as too large; producer batches are now capped at {cap} bytes and the records are resent")]
+    BatchTooLarge { topic: String, cap: usize },
+    #[error("the dead-letter topic {topic} refused a record even without its value ({error}); to fix: let the topic take it (its max.message.bytes, policy or ACLs), then restart the relay")]
+    DeadLetterRefused { topic: String, error: String },
+}
+
+impl SinkError {
+    /// True when retrying cannot help: the relay halts and says why.
+    pub fn is_definite(&self) -> bool {
+        matches!(self, Self::DeadLetterRefused { .. })
+    }
+}
+
+/// What a refused record was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedKind {
+    /// An event for its topic: it goes to the dead-letter topic.
+    Event,
+    /// A dead-letter record: it is tried once more without its value.
+    DeadLetter,
+    /// A dead-letter record already without its value: the relay halts.
+    DeadLetterWithoutValue,
 }
 
 /// A record Kafka refused for its own content: the pipeline dead-letters it in its unit.
@@ -83,6 +142,22 @@ pub struct Refused {
     pub headers: Vec<(String, Vec<u8>)>,
     pub reason: DeadLetterReason,
     pub error: String,
+    pub kind: RefusedKind,
+    /// Refused by the broker (for a whole batch, maybe), not by librdkafka before sending.
+    pub by_broker: bool,
+}
+
+impl Refused {
+    /// Key, value and header bytes: at most what the record takes in a batch.
+    fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// State shared between the pipeline and the delivery callback.
@@ -174,10 +249,7 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
                         .end_to_end_latency
                         .observe(at.elapsed().as_secs_f64());
                 }
-                match kind
-                    .checked_sub(1)
-                    .and_then(|k| DeadLetterReason::ALL.get(k))
-                {
+                match reason_of_kind(kind) {
                     Some(reason) => metrics
                         .events_dead_lettered
                         .with_label_values(&[reason.as_str()])
@@ -187,21 +259,24 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
             }
             Err((error, message)) => {
                 let code = error.rdkafka_error_code();
-                let reason = match code {
-                    Some(RDKafkaErrorCode::MessageSizeTooLarge)
-                    | Some(RDKafkaErrorCode::InvalidMessageSize) => {
-                        Some(DeadLetterReason::MessageTooLarge)
-                    }
-                    Some(RDKafkaErrorCode::InvalidTopic) => Some(DeadLetterReason::InvalidTopic),
-                    _ => None,
-                };
                 metrics
                     .publish_errors
                     .with_label_values(&[error_kind(code)])
                     .inc();
+                let refused_kind = match (kind, kind & WITHOUT_VALUE) {
+                    (0, _) => RefusedKind::Event,
+                    (_, 0) => RefusedKind::DeadLetter,
+                    _ => RefusedKind::DeadLetterWithoutValue,
+                };
+                // An event may be refused for its size or topic name; a dead-letter record
+                // also for what the topic's policy or ACLs say: another try won't change it.
+                let reason = match refused_kind {
+                    RefusedKind::Event => event_refusal(code),
+                    _ if refuses_dead_letter(code) => reason_of_kind(kind),
+                    _ => None,
+                };
                 match reason {
-                    // A dead-letter record refused again can't be helped by another try.
-                    Some(reason) if kind == 0 => {
+                    Some(reason) => {
                         let refused = Refused {
                             unit,
                             topic: message.topic().to_owned(),
@@ -219,13 +294,15 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
                                 .unwrap_or_default(),
                             reason,
                             error: error.to_string(),
+                            kind: refused_kind,
+                            by_broker: true,
                         };
                         if self.refused.send(refused).is_err() {
                             self.shared
                                 .fail("pipeline gone while a record was refused".into());
                         }
                     }
-                    _ => self
+                    None => self
                         .shared
                         .fail(format!("delivery to {} failed: {error}", message.topic())),
                 }
@@ -234,11 +311,44 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
     }
 }
 
+/// Why Kafka refused an event for its own content, if it did.
+fn event_refusal(code: Option<RDKafkaErrorCode>) -> Option<DeadLetterReason> {
+    match code? {
+        RDKafkaErrorCode::MessageSizeTooLarge
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::MessageBatchTooLarge => Some(DeadLetterReason::MessageTooLarge),
+        RDKafkaErrorCode::InvalidTopic => Some(DeadLetterReason::InvalidTopic),
+        _ => None,
+    }
+}
+
+/// Whether `code` says the dead-letter topic will not take a record as it is.
+fn refuses_dead_letter(code: Option<RDKafkaErrorCode>) -> bool {
+    event_refusal(code).is_some()
+        || matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::InvalidRecord
+                    | RDKafkaErrorCode::PolicyViolation
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+            )
+        )
+}
+
+/// The dead-letter reason a delivery opaque's kind bits carry.
+fn reason_of_kind(kind: usize) -> Option<DeadLetterReason> {
+    (kind & !WITHOUT_VALUE)
+        .checked_sub(1)
+        .and_then(|k| DeadLetterReason::ALL.get(k))
+        .copied()
+}
+
 /// The `kind` label for a delivery error; one of `metrics::PUBLISH_ERROR_KINDS`.
 fn error_kind(code: Option<RDKafkaErrorCode>) -> &'static str {
     match code {
         Some(RDKafkaErrorCode::MessageSizeTooLarge)
-        | Some(RDKafkaErrorCode::InvalidMessageSize) => "message_too_large",
+        | Some(RDKafkaErrorCode::InvalidMessageSize)
+        | Some(RDKafkaErrorCode::MessageBatchTooLarge) => "message_too_large",
         Some(RDKafkaErrorCode::InvalidTopic) => "invalid_topic",
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
             "unknown_topic"
@@ -261,10 +371,16 @@ pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
     shared: Arc<Shared<P>>,
     state: Arc<RelayState>,
     shutdown: CancellationToken,
+    /// Cancelled when this relay no longer leads: stop producing at once.
+    stop: CancellationToken,
+    /// This producer's `batch.size`: a refused record bigger than this was alone in its batch.
+    batch_bytes: usize,
+    /// Topics' `max.message.bytes`, as read after a refused batch (`None`: unreadable).
+    topic_limits: HashMap<String, Option<usize>>,
 }
 
 /// The librdkafka settings for the producer: our defaults, then `[kafka.properties]`
-/// verbatim.
+/// verbatim, then the `batch.size` cap learned from topics that refused a batch.
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -282,7 +398,19 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     for (key, value) in &cfg.properties {
         config.set(key, value);
     }
+    let cap = BATCH_CAP.load(Ordering::Relaxed);
+    if cap > 0 && cap < configured_batch_bytes(cfg) {
+        config.set("batch.size", cap.to_string());
+    }
     config
+}
+
+/// `batch.size` as configured (librdkafka's default unless set).
+fn configured_batch_bytes(cfg: &KafkaConfig) -> usize {
+    cfg.properties
+        .get("batch.size")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_BATCH_BYTES)
 }
 
 /// The producer's `message.max.bytes`: what the router compares record sizes with.
@@ -303,6 +431,10 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
     ) -> Result<Self, SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let client = client_config(cfg);
+        let batch_bytes = client
+            .get("batch.size")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_BATCH_BYTES);
         let producer = client
             .create_with_context(DeliveryContext {
                 shared: Arc::clone(&shared),
@@ -322,7 +454,16 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             shared,
             state,
             shutdown,
+            stop: CancellationToken::new(),
+            batch_bytes,
+            topic_limits: HashMap::new(),
         })
+    }
+
+    /// Stops producing (a send waiting for room fails) once `stop` is cancelled: polling's
+    /// lost leadership, after which another relay may already publish.
+    pub fn stop_on(&mut self, stop: CancellationToken) {
+        self.stop = stop;
     }
 
     pub fn shared(&self) -> &Arc<Shared<P>> {
@@ -335,6 +476,16 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             Routed::Publish(record) => (record, 0),
             Routed::DeadLetter { record, reason } => (record, reason_kind(reason)),
         };
+        self.produce(unit, record, kind).await
+    }
+
+    /// Produces `record` with the delivery `kind` bits as part of `unit`.
+    async fn produce(
+        &mut self,
+        unit: UnitId,
+        record: Record<'_>,
+        kind: usize,
+    ) -> Result<(), SinkError> {
         self.ensure_topic(&record.topic).await?;
         self.shared.checkpoint().add(unit);
         let opaque = ((unit as usize) << KIND_BITS) | kind;
@@ -355,36 +506,50 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         if let Some(ts) = record.timestamp_ms {
             base = base.timestamp(ts);
         }
+        let mut wait = QueueWait::default();
         loop {
             match self.producer.send(base) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     base = back;
-                    tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                    if let Err(error) = self.wait_for_room(&mut wait).await {
+                        self.shared.checkpoint().ack(unit);
+                        return Err(error);
+                    }
                 }
                 Err((KafkaError::MessageProduction(code), back))
-                    if kind == 0
-                        && matches!(
-                            code,
-                            RDKafkaErrorCode::MessageSizeTooLarge
-                                | RDKafkaErrorCode::InvalidMessageSize
-                        ) =>
+                    if matches!(
+                        code,
+                        RDKafkaErrorCode::MessageSizeTooLarge
+                            | RDKafkaErrorCode::InvalidMessageSize
+                    ) =>
                 {
                     // librdkafka checks the size itself. The record stays counted in its
                     // unit until its dead letter is acknowledged.
                     drop(back);
+                    let kind_bits = kind;
+                    let (kind, value) = match (kind, kind & WITHOUT_VALUE) {
+                        (0, _) => (RefusedKind::Event, None),
+                        (_, 0) => (
+                            RefusedKind::DeadLetter,
+                            record.value.as_deref().map(<[u8]>::to_vec),
+                        ),
+                        _ => (RefusedKind::DeadLetterWithoutValue, None),
+                    };
                     let refused = Refused {
                         unit,
                         topic: record.topic.to_string(),
                         key: record.key.map(<[u8]>::to_vec),
-                        value: None,
+                        value,
                         headers: record
                             .headers
                             .iter()
                             .map(|(k, v)| (k.to_string(), v.to_vec()))
                             .collect(),
-                        reason: DeadLetterReason::MessageTooLarge,
+                        reason: reason_of_kind(kind_bits).unwrap_or(DeadLetterReason::MessageTooLarge),
                         error: format!("kafka refused the record: {code}"),
+                        kind,
+                        by_broker: false,
                     };
                     let _ = self.refused_tx.send(refused);
                     return Ok(());
@@ -407,8 +572,76 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         self.refused.recv().await
     }
 
-    /// Dead-letters a refused record in its unit, then releases the refused record's count.
+    /// One pause while librdkafka's queue is full. Fails at once when leadership is lost
+    /// (another relay may publish already), and when shutdown has waited
+    /// [`QUEUE_WAIT_ON_SHUTDOWN`] for room: the session then ends without confirming anything
+    /// Kafka has not acknowledged.
+    async fn wait_for_room(&self, wait: &mut QueueWait) -> Result<(), SinkError> {
+        let started = *wait.started.get_or_insert_with(Instant::now);
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return Err(SinkError::LeadershipLost),
+            _ = self.shutdown.cancelled(), if wait.shutdown_seen.is_none() => {
+                wait.shutdown_seen = Some(Instant::now());
+            }
+            _ = tokio::time::sleep(QUEUE_FULL_BACKOFF) => {}
+        }
+        if wait
+            .shutdown_seen
+            .is_some_and(|at| at.elapsed() >= QUEUE_WAIT_ON_SHUTDOWN)
+        {
+            tracing::warn!("shutting down with the producer queue full: Kafka takes no records; unacknowledged events are resent after the restart");
+            return Err(SinkError::QueueFullAtShutdown);
+        }
+        if !wait.logged && started.elapsed() >= QUEUE_WAIT_LOG_AFTER {
+            wait.logged = true;
+            tracing::warn!(
+                waited_secs = started.elapsed().as_secs(),
+                "the producer queue is full and Kafka takes no records; waiting"
+            );
+        }
+        Ok(())
+    }
+
+    /// Deals with a record Kafka refused, in its unit: an event is dead-lettered, a
+    /// dead-letter record retried without its value; then the refused record's count is
+    /// released. Fails when the pipeline must restart (a batch was too large) or halt (the
+    /// dead-letter topic refuses even a record without value).
     pub async fn redirect(&mut self, refused: Refused, router: &Router) -> Result<(), SinkError> {
+        match refused.kind {
+            RefusedKind::Event => {}
+            RefusedKind::DeadLetter if refused.value.is_some() => {
+                tracing::warn!(topic = %refused.topic, error = %refused.error, "the dead-letter topic refused a record; sending it again without its value");
+                let record = Record {
+                    topic: Cow::Borrowed(&refused.topic),
+                    key: refused.key.as_deref(),
+                    value: None,
+                    timestamp_ms: None,
+                    headers: refused
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_slice())))
+                        .collect(),
+                };
+                let kind = reason_kind(refused.reason) | WITHOUT_VALUE;
+                self.produce(refused.unit, record, kind).await?;
+                self.shared.checkpoint().ack(refused.unit);
+                return Ok(());
+            }
+            RefusedKind::DeadLetter | RefusedKind::DeadLetterWithoutValue => {
+                return Err(SinkError::DeadLetterRefused {
+                    topic: refused.topic,
+                    error: refused.error,
+                });
+            }
+        }
+        if refused.by_broker
+            && refused.reason == DeadLetterReason::MessageTooLarge
+            && refused.size() <= self.batch_bytes
+        {
+            // Maybe refused only for the batch it was in.
+            return Err(self.cap_batches(&refused.topic).await);
+        }
         let headers = refused
             .headers
             .into_iter()
@@ -425,6 +658,70 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         self.send(refused.unit, routed).await?;
         self.shared.checkpoint().ack(refused.unit);
         Ok(())
+    }
+
+    /// Learns the limit of `topic`, which refused a batch as too large, and caps `batch.size`
+    /// below it for the producers built from now on (at half the current size when the limit
+    /// cannot be read); the error restarts the pipeline with such a producer.
+    async fn cap_batches(&mut self, topic: &str) -> SinkError {
+        let limit = match self.topic_limits.get(topic) {
+            Some(limit) => *limit,
+            None => {
+                let limit = self.topic_max_message_bytes(topic).await;
+                self.topic_limits.insert(topic.to_owned(), limit);
+                limit
+            }
+        };
+        // Room for batch framing and for lz4 making incompressible data a little bigger.
+        let below_limit = limit.map(|l| l - l / 64 - 512);
+        let cap = match below_limit {
+            Some(cap) if cap < self.batch_bytes => cap,
+            _ => self.batch_bytes / 2,
+        }
+        .max(MIN_BATCH_BYTES);
+        BATCH_CAP
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old == 0 || cap < old).then_some(cap)
+            })
+            .ok();
+        tracing::warn!(
+            topic,
+            max_message_bytes = limit,
+            batch_size = cap,
+            "kafka refused a batch as too large for the topic; capping batch.size and resending from the confirmed position"
+        );
+        SinkError::BatchTooLarge {
+            topic: topic.to_owned(),
+            cap,
+        }
+    }
+
+    /// The topic's `max.message.bytes`, if the broker tells.
+    async fn topic_max_message_bytes(&self, topic: &str) -> Option<usize> {
+        let resource = ResourceSpecifier::Topic(topic);
+        let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
+        let described = tokio::time::timeout(
+            DESCRIBE_TIMEOUT + Duration::from_secs(1),
+            self.admin.describe_configs([&resource], &options),
+        )
+        .await;
+        let results = match described {
+            Ok(Ok(results)) => results,
+            Ok(Err(error)) => {
+                tracing::debug!(topic, error = %error, "cannot read the topic's max.message.bytes");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        results.into_iter().find_map(|result| {
+            result
+                .ok()?
+                .get("max.message.bytes")?
+                .value
+                .as_deref()?
+                .parse()
+                .ok()
+        })
     }
 
     /// Makes sure `topic` exists before the first record for it: the broker may not create
@@ -453,6 +750,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             self.state.set_missing_topic(Some(message));
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(SinkError::Stopped(topic.to_owned())),
+                _ = self.stop.cancelled() => return Err(SinkError::LeadershipLost),
                 _ = tokio::time::sleep(wait) => {}
             }
             wait = (wait * 2).min(MISSING_TOPIC_RETRY_MAX);
@@ -554,6 +852,14 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
     }
+}
+
+/// Where one `send` stands in waiting for room in librdkafka's queue.
+#[derive(Default)]
+struct QueueWait {
+    started: Option<Instant>,
+    shutdown_seen: Option<Instant>,
+    logged: bool,
 }
 
 fn reason_kind(reason: DeadLetterReason) -> usize {
