@@ -10,24 +10,28 @@
 //! in the same unit; any other delivery failure is a transient fault that restarts the
 //! pipeline from the confirmed position.
 //!
-//! Two refusals need more than that:
-//! - The broker refuses a whole *batch* as too large when the topic's `max.message.bytes` is
-//!   below the batch. Only a record that was alone in its batch (bigger than `batch.size`) is
-//!   too large itself and dead-lettered; otherwise the relay learns the topic's limit (or, if
-//!   it can't read it, halves `batch.size`), caps `batch.size` below it for the rest of the
-//!   process, and restarts from the confirmed position: records are resent in order, in
-//!   batches that fit, with their values.
+//! The broker refuses whole batches, though. The producer runs with
+//! `enable.gapless.guarantee`: a batch the broker refuses stops the producer, so no later
+//! record of its partition is written ahead of the refused ones, and the pipeline restarts
+//! from the confirmed position, resending in order. What the refusal taught ([`Lessons`])
+//! makes the next session do better:
+//! - A topic's `max.message.bytes` below the batch refuses it as too large. A record bigger
+//!   than `batch.size` was alone in its batch: it is too large itself and is dead-lettered
+//!   next time. Otherwise `batch.size` is halved for the producers to come, until batches fit
+//!   and the records arrive with their values.
 //! - A dead-letter record the broker refuses is sent once more without its value; refused
 //!   again, the relay halts with a definite error instead of restarting forever.
 
 use std::borrow::Cow;
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -77,13 +81,95 @@ const QUEUE_WAIT_LOG_AFTER: Duration = Duration::from_secs(5);
 const DEFAULT_BATCH_BYTES: usize = 1_000_000;
 /// The smallest `batch.size` the relay caps the producer to.
 const MIN_BATCH_BYTES: usize = 1_024;
-/// How long reading a topic's `max.message.bytes` may take.
-const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records remembered as refused; past this many the oldest lessons are forgotten (a record
+/// forgotten is refused once more and learned again).
+const MAX_RECORD_LESSONS: usize = 100_000;
 
-/// The `batch.size` cap learned from topics that refused a batch as too large (0: none). It
-/// outlives the session that learned it, so the restarted producer is built with it; a new
-/// process learns it again on the first refusal.
-static BATCH_CAP: AtomicUsize = AtomicUsize::new(0);
+/// What the broker's refusals taught this process, for the producers of later sessions.
+/// Records are known by their [`fingerprint`]: the same event routed again gives the same
+/// record. A new process learns it all again, at the price of one refusal each.
+#[derive(Default)]
+struct Lessons {
+    /// `batch.size` for new producers (0: as configured).
+    batch_cap: usize,
+    /// Per topic, the smallest record it refused while alone in its batch: a record at least
+    /// as big is too large for it.
+    too_large_from: HashMap<String, usize>,
+    /// Records to dead-letter without trying again, and why.
+    dead_letter: HashMap<u64, DeadLetterReason>,
+    /// Dead-letter records to send without their value.
+    without_value: HashSet<u64>,
+}
+
+static LESSONS: LazyLock<Mutex<Lessons>> = LazyLock::new(Mutex::default);
+/// Set once there is a lesson about records: until then `send` takes no lock for them.
+static RECORD_LESSONS: AtomicBool = AtomicBool::new(false);
+
+fn lessons() -> MutexGuard<'static, Lessons> {
+    LESSONS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a lesson says about a record about to be produced.
+enum Learned {
+    Nothing,
+    DeadLetter(DeadLetterReason),
+    WithoutValue,
+}
+
+impl Lessons {
+    fn about(&self, topic: &str, fingerprint: u64, size: usize, kind: usize) -> Learned {
+        if kind == 0 {
+            if let Some(reason) = self.dead_letter.get(&fingerprint) {
+                return Learned::DeadLetter(*reason);
+            }
+            if self
+                .too_large_from
+                .get(topic)
+                .is_some_and(|from| size >= *from)
+            {
+                return Learned::DeadLetter(DeadLetterReason::MessageTooLarge);
+            }
+        } else if kind & WITHOUT_VALUE == 0 && self.without_value.contains(&fingerprint) {
+            return Learned::WithoutValue;
+        }
+        Learned::Nothing
+    }
+
+    fn forget_records_if_full(&mut self) {
+        if self.dead_letter.len() + self.without_value.len() >= MAX_RECORD_LESSONS {
+            self.dead_letter.clear();
+            self.without_value.clear();
+        }
+    }
+}
+
+/// Identifies a record across sessions: its topic, key and headers (which hold the event id,
+/// or for a dead letter the reason and source position).
+fn fingerprint<'a>(
+    topic: &str,
+    key: Option<&[u8]>,
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    topic.hash(&mut hasher);
+    key.hash(&mut hasher);
+    for (name, value) in headers {
+        name.hash(&mut hasher);
+        value.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Key, value and header bytes: at most what a record takes in a batch.
+fn record_bytes<'a>(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> usize {
+    key.map_or(0, <[u8]>::len)
+        + value.map_or(0, <[u8]>::len)
+        + headers.map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
 
 /// Bits of the delivery opaque that say what kind of record it was (0 = an event, else a
 /// dead-letter reason + 1, plus [`WITHOUT_VALUE`] on a dead-letter record's second try); the
@@ -143,20 +229,36 @@ pub struct Refused {
     pub reason: DeadLetterReason,
     pub error: String,
     pub kind: RefusedKind,
-    /// Refused by the broker (for a whole batch, maybe), not by librdkafka before sending.
-    pub by_broker: bool,
 }
 
 impl Refused {
-    /// Key, value and header bytes: at most what the record takes in a batch.
-    fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
-            + self
+    /// `record` of `unit`, refused before it reached the broker.
+    fn of(
+        unit: UnitId,
+        record: &Record<'_>,
+        reason: DeadLetterReason,
+        error: String,
+        kind: RefusedKind,
+        keep_value: bool,
+    ) -> Self {
+        Self {
+            unit,
+            topic: record.topic.to_string(),
+            key: record.key.map(<[u8]>::to_vec),
+            value: record
+                .value
+                .as_deref()
+                .filter(|_| keep_value)
+                .map(<[u8]>::to_vec),
+            headers: record
                 .headers
                 .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+            reason,
+            error,
+            kind,
+        }
     }
 }
 
@@ -166,6 +268,9 @@ pub struct Shared<P> {
     pub metrics: Metrics,
     /// The first delivery failure that must restart the pipeline.
     failure: Mutex<Option<String>>,
+    /// The dead-letter topic refused a record even without its value: the relay halts, and
+    /// the failures that follow from the stopped producer must not turn that into a restart.
+    halt: Mutex<Option<(String, String)>>,
 }
 
 impl<P: Copy + Ord> Shared<P> {
@@ -174,6 +279,7 @@ impl<P: Copy + Ord> Shared<P> {
             checkpoint: Mutex::new(Checkpoint::new()),
             metrics,
             failure: Mutex::new(None),
+            halt: Mutex::new(None),
         })
     }
 
@@ -194,10 +300,23 @@ impl<P: Copy + Ord> Shared<P> {
     }
 
     fn fail(&self, message: String) {
+        if self.halt_error().is_some() {
+            return;
+        }
         let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(message);
         }
+    }
+
+    /// The error that halts the relay, once the dead-letter topic refused a record for good.
+    fn halt_error(&self) -> Option<SinkError> {
+        let halt = self.halt.lock().unwrap_or_else(|p| p.into_inner());
+        halt.as_ref()
+            .map(|(topic, error)| SinkError::DeadLetterRefused {
+                topic: topic.clone(),
+                error: error.clone(),
+            })
     }
 }
 
@@ -208,6 +327,8 @@ pub struct DeliveryContext<P> {
     /// The published counter of the topic acknowledged last: acks come in runs of one topic,
     /// and looking the labelled counter up costs more than the rest of an ack.
     last_topic: Mutex<Option<(String, IntCounter)>>,
+    /// The producer's `batch.size`: a refused record bigger than this was alone in its batch.
+    batch_bytes: usize,
 }
 
 impl<P> DeliveryContext<P> {
@@ -263,51 +384,103 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
                     .publish_errors
                     .with_label_values(&[error_kind(code)])
                     .inc();
-                let refused_kind = match (kind, kind & WITHOUT_VALUE) {
-                    (0, _) => RefusedKind::Event,
-                    (_, 0) => RefusedKind::DeadLetter,
-                    _ => RefusedKind::DeadLetterWithoutValue,
-                };
                 // An event may be refused for its size or topic name; a dead-letter record
                 // also for what the topic's policy or ACLs say: another try won't change it.
-                let reason = match refused_kind {
-                    RefusedKind::Event => event_refusal(code),
-                    _ if refuses_dead_letter(code) => reason_of_kind(kind),
-                    _ => None,
+                let reason = if kind == 0 {
+                    event_refusal(code)
+                } else if refuses_dead_letter(code) {
+                    reason_of_kind(kind)
+                } else {
+                    None
                 };
                 match reason {
-                    Some(reason) => {
-                        let refused = Refused {
-                            unit,
-                            topic: message.topic().to_owned(),
-                            key: message.key().map(<[u8]>::to_vec),
-                            value: message.payload().map(<[u8]>::to_vec),
-                            headers: message
-                                .headers()
-                                .map(|h| {
-                                    h.iter()
-                                        .map(|h| {
-                                            (h.key.to_owned(), h.value.unwrap_or(&[]).to_vec())
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default(),
-                            reason,
-                            error: error.to_string(),
-                            kind: refused_kind,
-                            by_broker: true,
-                        };
-                        if self.refused.send(refused).is_err() {
-                            self.shared
-                                .fail("pipeline gone while a record was refused".into());
-                        }
-                    }
+                    Some(reason) => self.refused(unit, kind, reason, error, message),
                     None => self
                         .shared
                         .fail(format!("delivery to {} failed: {error}", message.topic())),
                 }
             }
         }
+    }
+}
+
+impl<P: Copy + Ord> DeliveryContext<P> {
+    /// A record the broker refused. The gapless producer stops on it; learn what the next
+    /// session must do differently and restart, or halt if nothing is left to try.
+    fn refused(
+        &self,
+        unit: UnitId,
+        kind: usize,
+        reason: DeadLetterReason,
+        error: &KafkaError,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+    ) {
+        let topic = message.topic();
+        let headers: Vec<(&str, &[u8])> = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or(&[]))).collect())
+            .unwrap_or_default();
+        let fingerprint = fingerprint(topic, message.key(), headers.iter().copied());
+        let size = record_bytes(message.key(), message.payload(), headers.iter().copied());
+        let mut lessons = lessons();
+        let news = if kind == 0
+            && reason == DeadLetterReason::MessageTooLarge
+            && size <= self.batch_bytes
+        {
+            // Maybe too large only with the rest of its batch: smaller batches next time.
+            let cap = (self.batch_bytes / 2).max(MIN_BATCH_BYTES);
+            (lessons.batch_cap == 0 || cap < lessons.batch_cap).then(|| {
+                lessons.batch_cap = cap;
+                format!("topic {topic} refused a batch as too large ({error}); batch.size is capped at {cap} bytes from now on")
+            })
+        } else if kind == 0 {
+            lessons.forget_records_if_full();
+            if reason == DeadLetterReason::MessageTooLarge {
+                let from = lessons
+                    .too_large_from
+                    .entry(topic.to_owned())
+                    .or_insert(size);
+                *from = (*from).min(size);
+            }
+            RECORD_LESSONS.store(true, Ordering::Relaxed);
+            lessons.dead_letter.insert(fingerprint, reason).is_none().then(|| {
+                format!("topic {topic} refused a record alone ({error}); it goes to the dead-letter topic")
+            })
+        } else if kind & WITHOUT_VALUE == 0 && message.payload().is_some() {
+            lessons.forget_records_if_full();
+            RECORD_LESSONS.store(true, Ordering::Relaxed);
+            lessons.without_value.insert(fingerprint).then(|| {
+                format!("the dead-letter topic {topic} refused a record ({error}); it is sent again without its value")
+            })
+        } else {
+            drop(lessons);
+            tracing::error!(topic, error = %error, "the dead-letter topic refused a record even without its value");
+            *self.shared.halt.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((topic.to_owned(), error.to_string()));
+            let refused = Refused {
+                unit,
+                topic: topic.to_owned(),
+                key: message.key().map(<[u8]>::to_vec),
+                value: None,
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+                    .collect(),
+                reason,
+                error: error.to_string(),
+                kind: RefusedKind::DeadLetterWithoutValue,
+            };
+            // The pipeline halts on it; gone already, it has stopped anyway.
+            let _ = self.refused.send(refused);
+            return;
+        };
+        drop(lessons);
+        if let Some(news) = &news {
+            tracing::warn!("{news}; resending from the confirmed position");
+        }
+        self.shared.fail(format!(
+            "kafka refused a record for {topic} ({error}); resending from the confirmed position"
+        ));
     }
 }
 
@@ -319,6 +492,14 @@ fn event_refusal(code: Option<RDKafkaErrorCode>) -> Option<DeadLetterReason> {
         | RDKafkaErrorCode::MessageBatchTooLarge => Some(DeadLetterReason::MessageTooLarge),
         RDKafkaErrorCode::InvalidTopic => Some(DeadLetterReason::InvalidTopic),
         _ => None,
+    }
+}
+
+/// The `dlq_error` text of a record dead-lettered from a lesson: what the broker said.
+fn refusal_text(reason: DeadLetterReason) -> RDKafkaErrorCode {
+    match reason {
+        DeadLetterReason::InvalidTopic => RDKafkaErrorCode::InvalidTopic,
+        _ => RDKafkaErrorCode::MessageSizeTooLarge,
     }
 }
 
@@ -373,10 +554,6 @@ pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
     shutdown: CancellationToken,
     /// Cancelled when this relay no longer leads: stop producing at once.
     stop: CancellationToken,
-    /// This producer's `batch.size`: a refused record bigger than this was alone in its batch.
-    batch_bytes: usize,
-    /// Topics' `max.message.bytes`, as read after a refused batch (`None`: unreadable).
-    topic_limits: HashMap<String, Option<usize>>,
 }
 
 /// The librdkafka settings for the producer: our defaults, then `[kafka.properties]`
@@ -393,12 +570,15 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         // data loss, and a failed record would only be resent after a restart.
         .set("message.timeout.ms", "0")
         .set("linger.ms", "5")
+        // A batch the broker refuses stops the producer rather than leaving a gap that later
+        // records of its partition would pass: see the module comment.
+        .set("enable.gapless.guarantee", "true")
         .set("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES)
         .set("queue.buffering.max.kbytes", DEFAULT_QUEUE_KBYTES);
     for (key, value) in &cfg.properties {
         config.set(key, value);
     }
-    let cap = BATCH_CAP.load(Ordering::Relaxed);
+    let cap = lessons().batch_cap;
     if cap > 0 && cap < configured_batch_bytes(cfg) {
         config.set("batch.size", cap.to_string());
     }
@@ -440,6 +620,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
                 shared: Arc::clone(&shared),
                 refused: tx.clone(),
                 last_topic: Mutex::new(None),
+                batch_bytes,
             })
             .map_err(SinkError::Create)?;
         let admin = admin_config(cfg).create().map_err(SinkError::Create)?;
@@ -455,8 +636,6 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             state,
             shutdown,
             stop: CancellationToken::new(),
-            batch_bytes,
-            topic_limits: HashMap::new(),
         })
     }
 
@@ -483,9 +662,39 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
     async fn produce(
         &mut self,
         unit: UnitId,
-        record: Record<'_>,
-        kind: usize,
+        mut record: Record<'_>,
+        mut kind: usize,
     ) -> Result<(), SinkError> {
+        if RECORD_LESSONS.load(Ordering::Relaxed) {
+            let headers = || record.headers.iter().map(|(k, v)| (&**k, &**v));
+            let learned = lessons().about(
+                &record.topic,
+                fingerprint(&record.topic, record.key, headers()),
+                record_bytes(record.key, record.value.as_deref(), headers()),
+                kind,
+            );
+            match learned {
+                Learned::Nothing => {}
+                Learned::DeadLetter(reason) => {
+                    // Counted in its unit until its dead letter is acknowledged.
+                    self.shared.checkpoint().add(unit);
+                    let refused = Refused::of(
+                        unit,
+                        &record,
+                        reason,
+                        format!("kafka refused the record: {}", refusal_text(reason)),
+                        RefusedKind::Event,
+                        reason != DeadLetterReason::MessageTooLarge,
+                    );
+                    let _ = self.refused_tx.send(refused);
+                    return Ok(());
+                }
+                Learned::WithoutValue => {
+                    record.value = None;
+                    kind |= WITHOUT_VALUE;
+                }
+            }
+        }
         self.ensure_topic(&record.topic).await?;
         self.shared.checkpoint().add(unit);
         let opaque = ((unit as usize) << KIND_BITS) | kind;
@@ -524,39 +733,33 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
                             | RDKafkaErrorCode::InvalidMessageSize
                     ) =>
                 {
-                    // librdkafka checks the size itself. The record stays counted in its
-                    // unit until its dead letter is acknowledged.
+                    // librdkafka checks the size itself, before the broker: the producer
+                    // goes on. The record stays counted in its unit until its dead letter
+                    // (or its second try without value) is acknowledged.
                     drop(back);
-                    let kind_bits = kind;
-                    let (kind, value) = match (kind, kind & WITHOUT_VALUE) {
-                        (0, _) => (RefusedKind::Event, None),
-                        (_, 0) => (
-                            RefusedKind::DeadLetter,
-                            record.value.as_deref().map(<[u8]>::to_vec),
-                        ),
-                        _ => (RefusedKind::DeadLetterWithoutValue, None),
+                    let refused_kind = match (kind, kind & WITHOUT_VALUE) {
+                        (0, _) => RefusedKind::Event,
+                        (_, 0) if record.value.is_some() => RefusedKind::DeadLetter,
+                        _ => RefusedKind::DeadLetterWithoutValue,
                     };
-                    let refused = Refused {
+                    let refused = Refused::of(
                         unit,
-                        topic: record.topic.to_string(),
-                        key: record.key.map(<[u8]>::to_vec),
-                        value,
-                        headers: record
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), v.to_vec()))
-                            .collect(),
-                        reason: reason_of_kind(kind_bits).unwrap_or(DeadLetterReason::MessageTooLarge),
-                        error: format!("kafka refused the record: {code}"),
-                        kind,
-                        by_broker: false,
-                    };
+                        &record,
+                        reason_of_kind(kind).unwrap_or(DeadLetterReason::MessageTooLarge),
+                        format!("kafka refused the record: {code}"),
+                        refused_kind,
+                        refused_kind == RefusedKind::DeadLetter,
+                    );
                     let _ = self.refused_tx.send(refused);
                     return Ok(());
                 }
                 Err((error, _)) => {
                     self.shared.checkpoint().ack(unit);
-                    return Err(SinkError::Produce(error));
+                    // A producer stopped by a refusal that halts the relay says only "fatal".
+                    return Err(self
+                        .shared
+                        .halt_error()
+                        .unwrap_or(SinkError::Produce(error)));
                 }
             }
         }
@@ -605,8 +808,8 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
 
     /// Deals with a record Kafka refused, in its unit: an event is dead-lettered, a
     /// dead-letter record retried without its value; then the refused record's count is
-    /// released. Fails when the pipeline must restart (a batch was too large) or halt (the
-    /// dead-letter topic refuses even a record without value).
+    /// released. Fails when the relay must halt: the dead-letter topic refuses even a record
+    /// without its value.
     pub async fn redirect(&mut self, refused: Refused, router: &Router) -> Result<(), SinkError> {
         match refused.kind {
             RefusedKind::Event => {}
@@ -635,13 +838,6 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
                 });
             }
         }
-        if refused.by_broker
-            && refused.reason == DeadLetterReason::MessageTooLarge
-            && refused.size() <= self.batch_bytes
-        {
-            // Maybe refused only for the batch it was in.
-            return Err(self.cap_batches(&refused.topic).await);
-        }
         let headers = refused
             .headers
             .into_iter()
@@ -658,70 +854,6 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         self.send(refused.unit, routed).await?;
         self.shared.checkpoint().ack(refused.unit);
         Ok(())
-    }
-
-    /// Learns the limit of `topic`, which refused a batch as too large, and caps `batch.size`
-    /// below it for the producers built from now on (at half the current size when the limit
-    /// cannot be read); the error restarts the pipeline with such a producer.
-    async fn cap_batches(&mut self, topic: &str) -> SinkError {
-        let limit = match self.topic_limits.get(topic) {
-            Some(limit) => *limit,
-            None => {
-                let limit = self.topic_max_message_bytes(topic).await;
-                self.topic_limits.insert(topic.to_owned(), limit);
-                limit
-            }
-        };
-        // Room for batch framing and for lz4 making incompressible data a little bigger.
-        let below_limit = limit.map(|l| l - l / 64 - 512);
-        let cap = match below_limit {
-            Some(cap) if cap < self.batch_bytes => cap,
-            _ => self.batch_bytes / 2,
-        }
-        .max(MIN_BATCH_BYTES);
-        BATCH_CAP
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                (old == 0 || cap < old).then_some(cap)
-            })
-            .ok();
-        tracing::warn!(
-            topic,
-            max_message_bytes = limit,
-            batch_size = cap,
-            "kafka refused a batch as too large for the topic; capping batch.size and resending from the confirmed position"
-        );
-        SinkError::BatchTooLarge {
-            topic: topic.to_owned(),
-            cap,
-        }
-    }
-
-    /// The topic's `max.message.bytes`, if the broker tells.
-    async fn topic_max_message_bytes(&self, topic: &str) -> Option<usize> {
-        let resource = ResourceSpecifier::Topic(topic);
-        let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
-        let described = tokio::time::timeout(
-            DESCRIBE_TIMEOUT + Duration::from_secs(1),
-            self.admin.describe_configs([&resource], &options),
-        )
-        .await;
-        let results = match described {
-            Ok(Ok(results)) => results,
-            Ok(Err(error)) => {
-                tracing::debug!(topic, error = %error, "cannot read the topic's max.message.bytes");
-                return None;
-            }
-            Err(_) => return None,
-        };
-        results.into_iter().find_map(|result| {
-            result
-                .ok()?
-                .get("max.message.bytes")?
-                .value
-                .as_deref()?
-                .parse()
-                .ok()
-        })
     }
 
     /// Makes sure `topic` exists before the first record for it: the broker may not create
@@ -888,4 +1020,72 @@ pub fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
         }
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_kinds_carry_the_reason_and_the_second_try() {
+        for reason in DeadLetterReason::ALL {
+            let kind = reason_kind(reason);
+            assert_eq!(reason_of_kind(kind), Some(reason));
+            assert_eq!(reason_of_kind(kind | WITHOUT_VALUE), Some(reason));
+            assert!(kind < WITHOUT_VALUE);
+        }
+        assert_eq!(reason_of_kind(0), None);
+        let unit: UnitId = 123_456;
+        let opaque = ((unit as usize) << KIND_BITS) | WITHOUT_VALUE | 2;
+        assert_eq!((opaque >> KIND_BITS) as UnitId, unit);
+    }
+
+    #[test]
+    fn lessons_say_what_to_do_with_a_record() {
+        let headers = [("id", &b"e-1"[..]), ("dlq_reason", b"invalid_topic")];
+        let print = fingerprint("t", Some(b"k"), headers.iter().copied());
+        assert_eq!(
+            print,
+            fingerprint("t", Some(b"k"), headers.iter().copied()),
+            "the same record, the same fingerprint"
+        );
+        assert_ne!(
+            print,
+            fingerprint("t", Some(b"k2"), headers.iter().copied())
+        );
+        assert_ne!(print, fingerprint("u", Some(b"k"), headers.iter().copied()));
+
+        let mut lessons = Lessons::default();
+        assert!(matches!(lessons.about("t", print, 10, 0), Learned::Nothing));
+        lessons
+            .dead_letter
+            .insert(print, DeadLetterReason::InvalidTopic);
+        assert!(matches!(
+            lessons.about("t", print, 10, 0),
+            Learned::DeadLetter(DeadLetterReason::InvalidTopic)
+        ));
+        // A topic that refused a record alone refuses any as big.
+        lessons.too_large_from.insert("t".into(), 5_000);
+        assert!(matches!(
+            lessons.about("t", 1, 5_000, 0),
+            Learned::DeadLetter(DeadLetterReason::MessageTooLarge)
+        ));
+        assert!(matches!(lessons.about("t", 1, 4_999, 0), Learned::Nothing));
+        assert!(matches!(lessons.about("u", 1, 9_999, 0), Learned::Nothing));
+        // Dead letters go without their value once, and are not dead-lettered again.
+        let dead = reason_kind(DeadLetterReason::InvalidTopic);
+        lessons.without_value.insert(7);
+        assert!(matches!(
+            lessons.about("dlq", 7, 10, dead),
+            Learned::WithoutValue
+        ));
+        assert!(matches!(
+            lessons.about("dlq", 7, 10, dead | WITHOUT_VALUE),
+            Learned::Nothing
+        ));
+        assert!(matches!(
+            lessons.about("dlq", print, 10, dead),
+            Learned::Nothing
+        ));
+    }
 }
