@@ -280,7 +280,11 @@ mod tests {
         c.seal(after, 2_000_001);
         assert_eq!(c.units(), 2);
         c.ack(a);
-        assert_eq!(c.take_confirmable(), Some(1_000_001), "a and the empty ones");
+        assert_eq!(
+            c.take_confirmable(),
+            Some(1_000_001),
+            "a and the empty ones"
+        );
         c.ack(b);
         assert_eq!(c.take_confirmable(), Some(2_000_001));
         assert!(c.is_idle());

@@ -570,11 +570,17 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         // data loss, and a failed record would only be resent after a restart.
         .set("message.timeout.ms", "0")
         .set("linger.ms", "5")
-        // A batch the broker refuses stops the producer rather than leaving a gap that later
-        // records of its partition would pass: see the module comment.
-        .set("enable.gapless.guarantee", "true")
         .set("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES)
         .set("queue.buffering.max.kbytes", DEFAULT_QUEUE_KBYTES);
+    // A batch the broker refuses stops the producer rather than leaving a gap that later
+    // records of its partition would pass (see the module comment). It needs idempotence.
+    if cfg
+        .properties
+        .get("enable.idempotence")
+        .is_none_or(|v| v != "false")
+    {
+        config.set("enable.gapless.guarantee", "true");
+    }
     for (key, value) in &cfg.properties {
         config.set(key, value);
     }

@@ -138,9 +138,9 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
     .with_application_name("outbox-relay")
     // Timestamps arrive as text; pin their format so they parse the same everywhere.
     .with_options("-c datestyle=ISO -c timezone=UTC")
-    .with_buffer_size(stream_buffer_events(
-        crate::sink::kafka::max_message_bytes(&cfg.kafka),
-    )))
+    .with_buffer_size(stream_buffer_events(crate::sink::kafka::max_message_bytes(
+        &cfg.kafka,
+    ))))
 }
 
 /// One leader session of the logical source: runs until shutdown (Ok) or a fault (Err).
