@@ -5,12 +5,13 @@
 //! opaque; the delivery callback (on librdkafka's polling thread) acknowledges the unit, so
 //! the source can confirm positions as soon as a contiguous run of units is acknowledged. A
 //! full local queue is backpressure: `send` waits for room instead of failing, but not past
-//! a lost leadership or a shutdown's deadline. A record Kafka refuses for its own content
-//! (too large, illegal topic) comes back to the pipeline as a [`Refused`] to be dead-lettered
-//! in the same unit; any other delivery failure is a transient fault that restarts the
-//! pipeline from the confirmed position.
+//! a lost leadership or a shutdown's deadline. A record refused for its own content before
+//! it reaches the broker (librdkafka's own `message.max.bytes` check, or a lesson below)
+//! comes back to the pipeline as a [`Refused`] to be dead-lettered in the same unit; a
+//! delivery failure is a transient fault that restarts the pipeline from the confirmed
+//! position.
 //!
-//! The broker refuses whole batches, though. The producer runs with
+//! The broker refuses whole batches. The producer runs with
 //! `enable.gapless.guarantee`: a batch the broker refuses stops the producer, so no later
 //! record of its partition is written ahead of the refused ones, and the pipeline restarts
 //! from the confirmed position, resending in order. What the refusal taught ([`Lessons`])
