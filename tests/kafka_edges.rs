@@ -19,10 +19,11 @@ const DEAD_LETTERS: &str = "outbox.dead-letter";
 
 /// A relay on its own Postgres, producing to a librdkafka mock cluster whose produce
 /// requests a test can make fail.
+/// Fields drop in order: the relay stops first.
 struct Mocked {
-    pg: ThrowawayPostgres,
-    mock: MockCluster<'static, DefaultProducerContext>,
     relay: Relay,
+    mock: MockCluster<'static, DefaultProducerContext>,
+    pg: ThrowawayPostgres,
     http: u16,
 }
 
