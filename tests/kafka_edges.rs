@@ -378,7 +378,9 @@ fn a_polling_leader_losing_its_lock_with_a_full_queue_stops_sending() {
         Duration::from_secs(30),
         "the deposed leader stops sending and starts a new session",
         || {
-            relay.log().contains("leadership was lost")
+            relay
+                .log()
+                .contains("leader lock was lost; stopped producing")
                 && metric(port, "outbox_relay_source_reconnects_total")
                     .is_some_and(|n| n > reconnects)
         },

@@ -193,7 +193,7 @@ pub enum SinkError {
     Stopped(String),
     #[error("shutdown could not wait any longer for room in the producer queue (Kafka takes no records); what it holds is resent after the restart")]
     QueueFullAtShutdown,
-    #[error("leadership was lost while waiting for room in the producer queue")]
+    #[error("the leader lock was lost; stopped producing")]
     LeadershipLost,
     #[error("topic {topic} refused a batch of records as too large; producer batches are now capped at {cap} bytes and the records are resent")]
     BatchTooLarge { topic: String, cap: usize },
@@ -697,6 +697,10 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         mut record: Record<'_>,
         mut kind: usize,
     ) -> Result<(), SinkError> {
+        // Another relay may lead already: hand librdkafka nothing more.
+        if self.stop.is_cancelled() {
+            return Err(SinkError::LeadershipLost);
+        }
         if RECORD_LESSONS.load(Ordering::Relaxed) {
             let headers = || record.headers.iter().map(|(k, v)| (&**k, &**v));
             let learned = lessons().about(
