@@ -10,6 +10,11 @@
 //!
 //! Units are numbered in arrival order. Records carry their unit's number as the librdkafka
 //! delivery opaque, so an acknowledgement costs one lookup in a ring buffer.
+//!
+//! A unit sealed with no records (a transaction of ignored changes, or of foreign logical
+//! messages) behind one still waiting is merged into that one: it only moves the position the
+//! waiting unit confirms. So during a Kafka outage a busy database's empty transactions cost
+//! nothing, instead of one queued unit each.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -81,7 +86,25 @@ impl<P: Copy + Ord> Checkpoint<P> {
         if let Some(u) = self.unit_mut(unit) {
             u.end = Some(end);
         }
+        self.merge_empty_tail(unit, end);
         self.advance();
+    }
+
+    /// Folds `unit`, just sealed at `end`, into the unit before it when it has no records, is
+    /// the newest, and that one is sealed too: confirming the earlier unit's end then would
+    /// confirm this one's as well, since nothing lies between. Its id is free again: no record
+    /// carries it.
+    fn merge_empty_tail(&mut self, unit: UnitId, end: P) {
+        let len = self.units.len();
+        if len < 2 || unit != self.first + len as u64 - 1 || self.units[len - 1].pending != 0 {
+            return;
+        }
+        let previous = &mut self.units[len - 2];
+        match previous.end {
+            Some(prev_end) if prev_end <= end => previous.end = Some(end),
+            _ => return,
+        }
+        self.units.pop_back();
     }
 
     /// Records one Kafka acknowledgement for `unit`. Returns when the unit was committed, for
@@ -120,6 +143,11 @@ impl<P: Copy + Ord> Checkpoint<P> {
     /// or is confirmable.
     pub fn is_idle(&self) -> bool {
         self.units.is_empty()
+    }
+
+    /// Units held: open, or waiting for acks of their own or of an earlier unit.
+    pub fn units(&self) -> usize {
+        self.units.len()
     }
 
     fn unit_mut(&mut self, unit: UnitId) -> Option<&mut Unit<P>> {
@@ -231,6 +259,51 @@ mod tests {
         assert_eq!(c.oldest_committed_at(), None);
     }
 
+    #[test]
+    fn empty_units_behind_a_waiting_one_cost_nothing() {
+        let mut c = Checkpoint::<u64>::new();
+        let a = c.open(None);
+        c.add(a);
+        c.seal(a, 1);
+        for i in 0..1_000_000u64 {
+            let u = c.open(None);
+            c.seal(u, 2 + i);
+            assert!(c.units() <= 2, "unit {i} was kept");
+        }
+        assert_eq!(c.units(), 1, "every empty unit merged into the waiting one");
+        assert_eq!(c.take_confirmable(), None, "a's record is still out");
+        // A unit with records still gets its own place, and ids stay usable.
+        let b = c.open(None);
+        c.add(b);
+        let after = c.open(None);
+        c.seal(b, 2_000_000);
+        c.seal(after, 2_000_001);
+        assert_eq!(c.units(), 2);
+        c.ack(a);
+        assert_eq!(
+            c.take_confirmable(),
+            Some(1_000_001),
+            "a and the empty ones"
+        );
+        c.ack(b);
+        assert_eq!(c.take_confirmable(), Some(2_000_001));
+        assert!(c.is_idle());
+        assert_eq!(c.inflight(), 0);
+    }
+
+    #[test]
+    fn an_empty_unit_behind_an_open_one_is_kept() {
+        let mut c = Checkpoint::<u64>::new();
+        let open = c.open(None);
+        c.add(open);
+        let empty = c.open(None);
+        c.seal(empty, 50);
+        assert_eq!(c.units(), 2, "the open unit's end is not known yet");
+        c.ack(open);
+        c.seal(open, 40);
+        assert_eq!(c.take_confirmable(), Some(50));
+    }
+
     proptest! {
         /// Whatever the ack order, the confirmed position never passes a unit with an
         /// unacknowledged record, and ends at the last unit's end once all are acked.
@@ -245,7 +318,7 @@ mod tests {
                 let u = c.open(None);
                 for _ in 0..n {
                     c.add(u);
-                    records.push(u);
+                    records.push((u, i));
                 }
                 c.seal(u, (i as u64 + 1) * 10);
             }
@@ -261,9 +334,9 @@ mod tests {
             let mut acked = vec![0u32; sizes.len()];
             let mut confirmed = 0u64;
             if let Some(p) = c.take_confirmable() { confirmed = p; }
-            for u in acks {
+            for (u, i) in acks {
                 c.ack(u);
-                acked[u as usize] += 1;
+                acked[i] += 1;
                 if let Some(p) = c.take_confirmable() {
                     prop_assert!(p >= confirmed);
                     confirmed = p;

@@ -28,6 +28,7 @@ pub const SLOT_WAL_STATUS: &str = "outbox_relay_slot_wal_status";
 pub const PRODUCER_QUEUE_DEPTH: &str = "outbox_relay_producer_queue_depth";
 pub const HALTED: &str = "outbox_relay_halted";
 pub const RETENTION_DELETED_EVENTS_TOTAL: &str = "outbox_relay_retention_deleted_events_total";
+pub const RESERVED_HEADERS_DROPPED_TOTAL: &str = "outbox_relay_reserved_headers_dropped_total";
 
 pub const LABEL_TOPIC: &str = "topic";
 pub const LABEL_REASON: &str = "reason";
@@ -77,6 +78,7 @@ pub struct Metrics {
     pub producer_queue_depth: IntGauge,
     pub halted: IntGauge,
     pub retention_deleted: IntCounter,
+    pub reserved_headers_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -142,6 +144,14 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(retention_deleted.clone()))
+            .expect("unique metric");
+        let reserved_headers_dropped = IntCounter::new(
+            RESERVED_HEADERS_DROPPED_TOTAL,
+            "Row headers dropped because their name is the relay's own (id, event_type, aggregate_type, pg_lsn, dlq_*).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(reserved_headers_dropped.clone()))
             .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -225,6 +235,7 @@ impl Metrics {
                 "1 when the relay stopped advancing and needs the operator (see /status).",
             ),
             retention_deleted,
+            reserved_headers_dropped,
             registry,
         }
     }
@@ -282,6 +293,7 @@ mod tests {
             PRODUCER_QUEUE_DEPTH,
             HALTED,
             RETENTION_DELETED_EVENTS_TOTAL,
+            RESERVED_HEADERS_DROPPED_TOTAL,
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

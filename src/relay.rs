@@ -119,7 +119,8 @@ pub async fn run_with(
         &config.kafka.topic,
         &config.kafka.dead_letter_topic,
         kafka::max_message_bytes(&config.kafka),
-    );
+    )
+    .with_reserved_counter(metrics.reserved_headers_dropped.clone());
     let session = Session {
         config: Arc::clone(&config),
         pool,

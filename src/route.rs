@@ -7,10 +7,15 @@
 //! ones (`id`, `event_type`, `aggregate_type`, `pg_lsn`). A row that cannot become a valid
 //! record is routed to the dead-letter topic with the reason, never dropped and never allowed
 //! to stop the stream.
+//!
+//! The fixed header names (and `dlq_*`, which dead-letter records carry) are the relay's: a
+//! row header of the same name is dropped and counted, so a consumer reading `id` (Java's
+//! `lastHeader("id")` as much as a first-match reader) always gets the row's id.
 
 use std::borrow::Cow;
 use std::fmt;
 
+use prometheus::IntCounter;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -117,6 +122,13 @@ pub struct Router {
     uses_event_type: bool,
     dead_letter_topic: String,
     max_message_bytes: usize,
+    /// Counts row headers dropped for using a reserved name.
+    reserved_dropped: Option<IntCounter>,
+}
+
+/// Whether a header name is the relay's own: a row header of that name is dropped.
+pub fn is_reserved_header(name: &str) -> bool {
+    matches!(name, "id" | "event_type" | "aggregate_type" | "pg_lsn") || name.starts_with("dlq_")
 }
 
 impl Router {
@@ -150,7 +162,14 @@ impl Router {
             uses_event_type,
             dead_letter_topic: dead_letter_topic.to_owned(),
             max_message_bytes,
+            reserved_dropped: None,
         }
+    }
+
+    /// Counts row headers dropped for a reserved name in `counter`.
+    pub fn with_reserved_counter(mut self, counter: IntCounter) -> Self {
+        self.reserved_dropped = Some(counter);
+        self
     }
 
     pub fn dead_letter_topic(&self) -> &str {
@@ -161,7 +180,12 @@ impl Router {
     pub fn route<'a>(&self, event: OutboxEvent<'a>) -> Routed<'a> {
         let headers = match fixed_headers(&event) {
             Ok(mut fixed) => match user_headers_of(&event) {
-                Ok(user) => {
+                Ok((user, dropped)) => {
+                    if dropped > 0 {
+                        if let Some(counter) = &self.reserved_dropped {
+                            counter.inc_by(dropped);
+                        }
+                    }
                     fixed.extend(user);
                     fixed
                 }
@@ -384,16 +408,21 @@ fn fixed_headers<'a>(event: &OutboxEvent<'a>) -> Result<Headers<'a>, Headers<'a>
     }
 }
 
-/// The event's user headers, borrowed from its `headers` text where it is borrowed.
-fn user_headers_of<'a>(event: &OutboxEvent<'a>) -> Result<Headers<'a>, String> {
-    match &event.headers {
-        None => Ok(Vec::new()),
-        Some(Cow::Borrowed(json)) => user_headers(json),
-        Some(Cow::Owned(json)) => Ok(user_headers(json)?
+/// The event's user headers, borrowed from its `headers` text where it is borrowed, without
+/// those with a reserved name; and how many were dropped for that.
+fn user_headers_of<'a>(event: &OutboxEvent<'a>) -> Result<(Headers<'a>, u64), String> {
+    let mut headers = match &event.headers {
+        None => return Ok((Vec::new(), 0)),
+        Some(Cow::Borrowed(json)) => user_headers(json)?,
+        Some(Cow::Owned(json)) => user_headers(json)?
             .into_iter()
             .map(|(k, v)| (Cow::Owned(k.into_owned()), Cow::Owned(v.into_owned())))
-            .collect()),
-    }
+            .collect(),
+    };
+    let before = headers.len();
+    headers.retain(|(name, _)| !is_reserved_header(name));
+    let dropped = (before - headers.len()) as u64;
+    Ok((headers, dropped))
 }
 
 /// The row's `headers` object as Kafka headers: strings as they are, other JSON values as
@@ -605,6 +634,40 @@ mod tests {
         assert_eq!(&*escaped[0].1, "x\"yé".as_bytes());
         assert!(user_headers("{}").unwrap().is_empty());
         assert!(user_headers(" {\"k\": \"v\"} ").is_ok());
+    }
+
+    #[test]
+    fn reserved_row_headers_never_shadow_the_relays_own() {
+        let counter = IntCounter::new("dropped", "dropped").unwrap();
+        let r = router().with_reserved_counter(counter.clone());
+        let mut e = event();
+        e.headers = Some(Cow::Borrowed(
+            r#"{"id": "x", "pg_lsn": "y", "dlq_reason": "z", "event_type": "w", "aggregate_type": "v", "trace": "t", "ID": "kept", "idx": "kept"}"#,
+        ));
+        let rec = publish(r.route(e));
+        let named = |name: &str| -> Vec<&[u8]> {
+            rec.headers
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_ref())
+                .collect()
+        };
+        assert_eq!(named("id"), [&b"6f1c2a0e-0000-4000-8000-000000000001"[..]]);
+        assert_eq!(named("pg_lsn"), [&b"0/16B3748"[..]]);
+        assert_eq!(named("event_type"), [&b"OrderPlaced"[..]]);
+        assert_eq!(named("aggregate_type"), [&b"order"[..]]);
+        assert!(named("dlq_reason").is_empty());
+        assert_eq!(named("trace"), [&b"t"[..]]);
+        assert_eq!(named("ID"), [&b"kept"[..]], "names are case-sensitive");
+        assert_eq!(named("idx"), [&b"kept"[..]]);
+        assert_eq!(counter.get(), 5);
+
+        // Polling mode has no pg_lsn, and the name stays the relay's all the same.
+        let mut e = event();
+        e.pg_lsn = None;
+        e.headers = Some(Cow::Owned(r#"{"pg_lsn": "y"}"#.to_owned()));
+        assert_eq!(publish(r.route(e)).header("pg_lsn"), None);
+        assert_eq!(counter.get(), 6);
     }
 
     #[test]

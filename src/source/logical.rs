@@ -33,8 +33,22 @@ const TICK: Duration = Duration::from_millis(50);
 /// How long shutdown waits for Kafka to acknowledge what is in flight.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(7);
 
-/// Events buffered between the replication connection and the pipeline.
+/// Most events buffered between the replication connection and the pipeline.
 const STREAM_BUFFER_EVENTS: usize = 8192;
+/// Fewest, for a `message.max.bytes` over 1 MiB (the budget then grows with it).
+const STREAM_BUFFER_MIN_EVENTS: usize = 64;
+/// Bytes that buffer may hold. pgwire-replication bounds its channel by a count only, so the
+/// count is derived from this and the largest event that can still be published with its
+/// value, the producer's `message.max.bytes` (67 events at its default of 1 MB): 100 kB
+/// payloads take 7 MB, where 8,192 of them took 800 MB. A row over `message.max.bytes` is
+/// dead-lettered without its value; a run of such rows is bounded by the count alone.
+const STREAM_BUFFER_BYTES: usize = 64 << 20;
+
+/// The replication buffer's capacity in events for events of up to `max_event_bytes`.
+fn stream_buffer_events(max_event_bytes: usize) -> usize {
+    (STREAM_BUFFER_BYTES / max_event_bytes.max(1))
+        .clamp(STREAM_BUFFER_MIN_EVENTS, STREAM_BUFFER_EVENTS)
+}
 
 const TYPE_BYTEA: u32 = 17;
 
@@ -149,7 +163,9 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
     .with_application_name("outbox-relay")
     // Timestamps arrive as text; pin their format so they parse the same everywhere.
     .with_options("-c datestyle=ISO -c timezone=UTC")
-    .with_buffer_size(STREAM_BUFFER_EVENTS))
+    .with_buffer_size(stream_buffer_events(crate::sink::kafka::max_message_bytes(
+        &cfg.kafka,
+    ))))
 }
 
 /// One leader session of the logical source: runs until shutdown (Ok) or a fault (Err).
@@ -906,6 +922,22 @@ mod tests {
         cfg.source.columns.headers = None;
         cfg.source.columns.created_at = None;
         assert!(OutboxColumns::locate(&without_headers, &cfg, "0/1").is_ok());
+    }
+
+    #[test]
+    fn the_stream_buffer_fits_its_byte_budget() {
+        // librdkafka's default message.max.bytes: 100 kB payloads can't take 800 MB.
+        let events = stream_buffer_events(1_000_000);
+        assert!(events * 1_000_000 <= STREAM_BUFFER_BYTES, "{events}");
+        assert!(events * 100_000 <= 8 << 20, "{events} events of 100 kB");
+        // Small events keep a deep buffer; huge limits keep a working one.
+        assert_eq!(stream_buffer_events(1_000), STREAM_BUFFER_EVENTS);
+        assert_eq!(stream_buffer_events(100 << 20), STREAM_BUFFER_MIN_EVENTS);
+        assert_eq!(stream_buffer_events(0), STREAM_BUFFER_EVENTS);
+        // Up to a message.max.bytes of 1 MiB the budget holds; above, the minimum count does.
+        for max in [4_096, 65_536, 1_000_000, 1 << 20] {
+            assert!(stream_buffer_events(max) * max <= STREAM_BUFFER_BYTES);
+        }
     }
 
     #[test]

@@ -74,7 +74,10 @@ pub enum SourceError {
 impl SourceError {
     /// True when retrying cannot help: the relay stops and reports the fix.
     pub fn is_definite(&self) -> bool {
-        matches!(self, Self::Definite { .. })
+        match self {
+            Self::Sink(e) => e.is_definite(),
+            _ => matches!(self, Self::Definite { .. }),
+        }
     }
 
     pub(crate) fn pool(e: deadpool_postgres::PoolError) -> Self {

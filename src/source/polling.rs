@@ -191,6 +191,8 @@ pub async fn run_session(
         Arc::clone(&session.state),
         shutdown.clone(),
     )?;
+    // A deposed leader must stop sending even while it waits for room in the queue.
+    sink.stop_on(leader.lost());
     // Leading from here on: nothing below returns early.
     session.state.set_leader(true);
     session.metrics.is_leader.set(1);
