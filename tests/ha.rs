@@ -6,6 +6,10 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -226,4 +230,108 @@ fn a_standby_that_cannot_see_the_leaders_session_waits_and_takes_over() {
     let log = standby.log();
     let bad = disruptions(&log);
     assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// A proxy to Postgres whose open connections can be made black holes: they swallow
+/// everything both ways and never pass a close on (unlike `common::Proxy`, which passes the
+/// server's close to the relay). Only the relay's own silence detection finds such a stream.
+struct BlackHoleProxy {
+    port: u16,
+    generation: Arc<AtomicU64>,
+}
+
+impl BlackHoleProxy {
+    fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let generation = Arc::new(AtomicU64::new(0));
+        let current = Arc::clone(&generation);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let born = current.load(Ordering::SeqCst);
+                let (Ok(client_in), Ok(server_in)) = (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                for (from, to) in [(client_in, server), (server_in, client)] {
+                    let current = Arc::clone(&current);
+                    std::thread::spawn(move || pump(from, to, born, &current));
+                }
+            }
+        });
+        Self { port, generation }
+    }
+
+    /// Makes every open connection a black hole; new ones are forwarded.
+    fn blackhole(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` while the connection's generation is current; afterwards swallows
+/// what arrives and, at the end, leaves `to` open.
+fn pump(mut from: TcpStream, mut to: TcpStream, born: u64, current: &AtomicU64) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if current.load(Ordering::SeqCst) != born {
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    if current.load(Ordering::SeqCst) == born {
+        let _ = to.shutdown(Shutdown::Both);
+    } else {
+        // No close gets through a black hole.
+        std::mem::forget(to);
+    }
+}
+
+/// A replication connection that goes silent without closing (the network drops everything,
+/// and the server's own timeout is never seen by the relay) is found by the relay: nothing
+/// arrives, not even the pings a live server sends, so it reconnects and resumes, well before
+/// the 60 s default `wal_sender_timeout`.
+#[test]
+fn a_black_holed_stream_is_found_by_its_silence_and_the_relay_resumes() {
+    let world = World::new();
+    let direct = relay_role(&world);
+    let proxy = BlackHoleProxy::start(world.pg.port());
+    let url = direct.replace(
+        &format!(":{}/", world.pg.port()),
+        &format!(":{}/", proxy.port),
+    );
+    let (relay, port) = start_relay(&world, &url);
+    world.wait_streaming();
+    world.write(100, 10, 10, &["order"]);
+    let _ = consume_n(&world, &topics(&["order"]), 100, Duration::from_secs(60));
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    world.write(100, 10, 10, &["order"]);
+    let records = consume_n(&world, &topics(&["order"]), 200, Duration::from_secs(120));
+    let resumed = cut.elapsed();
+    let (distinct, duplicates) = check_records(&records);
+    println!(
+        "black-holed stream: resumed after {resumed:?}; {distinct} distinct of 200, {duplicates} duplicates"
+    );
+    assert_eq!(distinct, 200, "log:\n{}", relay.log());
+    let log = relay.log();
+    assert!(
+        log.contains("the connection is dead"),
+        "found by its silence:\n{log}"
+    );
+    assert!(reconnects(port).is_some_and(|n| n >= 1.0));
+    assert!(
+        resumed < Duration::from_secs(60),
+        "resumed before the server's default wal_sender_timeout: {resumed:?}"
+    );
 }
