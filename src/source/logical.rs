@@ -22,7 +22,7 @@
 //! sees its columns as NULL.
 //!
 //! - The connection sets its own `wal_sender_timeout`: the server's, at most
-//!   [`STREAM_TIMEOUT_MAX`] (also when the server's is 0, disabled). The walsender pings a
+//!   `STREAM_TIMEOUT_MAX` (20 s) (also when the server's is 0, disabled). The walsender pings a
 //!   client it has not heard from for half of it, and ends a client silent for all of it, so
 //!   the slot of a relay that vanished frees within that time.
 //! - The relay keeps quiet so that the pings come: it sends a status update when it has a new
@@ -33,7 +33,7 @@
 //!   large transaction it sends nothing of (it then reads replies only every half timeout).
 //!   `watch_stream` counts as silence only time in which nothing arrived, nothing new was
 //!   confirmed and no event waited unread in the channel (a slow pipeline is not a dead
-//!   stream); past the timeout and a half ([`silence_limit`]) the session ends with
+//!   stream); past the timeout and a half (`silence_limit`) the session ends with
 //!   `StreamLost` and restarts from the confirmed position. The server has ended the old
 //!   walsender by then, so the slot is free.
 //!
@@ -341,7 +341,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 const STREAM_TIMEOUT_MAX: Duration = Duration::from_secs(20);
 
 /// The `wal_sender_timeout` of the relay's replication connection: the server's setting, at
-/// most [`STREAM_TIMEOUT_MAX`]; that too when the server's is 0 (disabled), because the stream's
+/// most `STREAM_TIMEOUT_MAX` (20 s); that too when the server's is 0 (disabled), because the stream's
 /// liveness rests on the server's pings.
 fn stream_timeout(server: Duration) -> Duration {
     if server.is_zero() {
