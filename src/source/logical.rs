@@ -22,7 +22,7 @@
 //! sees its columns as NULL.
 //!
 //! - The connection sets its own `wal_sender_timeout`: the server's, at most
-//!   `STREAM_TIMEOUT_MAX` (20 s) (also when the server's is 0, disabled). The walsender pings a
+//!   `STREAM_TIMEOUT_MAX` (15 s), also when the server's is 0 (disabled). The walsender pings a
 //!   client it has not heard from for half of it, and ends a client silent for all of it, so
 //!   the slot of a relay that vanished frees within that time.
 //! - The relay keeps quiet so that the pings come: it sends a status update when it has a new
@@ -337,12 +337,14 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The longest `wal_sender_timeout` the relay's replication connection asks for: a relay that
 /// vanished without closing its connection holds the slot this long at most, and a dead
-/// connection is found within [`silence_limit`] of it.
-const STREAM_TIMEOUT_MAX: Duration = Duration::from_secs(20);
+/// connection is found within [`silence_limit`] of it. The server then pings an idle relay
+/// every 7.5 s, so its `reply_time` stays younger than the 10 s after which relays before
+/// this version evicted a holder (a rolling update mixes versions).
+const STREAM_TIMEOUT_MAX: Duration = Duration::from_secs(15);
 
 /// The `wal_sender_timeout` of the relay's replication connection: the server's setting, at
-/// most `STREAM_TIMEOUT_MAX` (20 s); that too when the server's is 0 (disabled), because the stream's
-/// liveness rests on the server's pings.
+/// most [`STREAM_TIMEOUT_MAX`]; that too when the server's is 0 (disabled), because the
+/// stream's liveness rests on the server's pings.
 fn stream_timeout(server: Duration) -> Duration {
     if server.is_zero() {
         STREAM_TIMEOUT_MAX
@@ -918,23 +920,23 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(
-            idle_wakeup_interval(Duration::from_secs(20)),
-            Duration::from_secs(40)
+            idle_wakeup_interval(Duration::from_secs(15)),
+            Duration::from_secs(30)
         );
     }
 
     #[test]
-    fn the_stream_timeout_is_the_servers_at_most_twenty_seconds() {
+    fn the_stream_timeout_is_the_servers_at_most_fifteen_seconds() {
         let secs = Duration::from_secs;
-        assert_eq!(stream_timeout(secs(60)), secs(20));
+        assert_eq!(stream_timeout(secs(60)), secs(15));
         assert_eq!(stream_timeout(secs(10)), secs(10));
-        assert_eq!(stream_timeout(Duration::ZERO), secs(20), "disabled");
+        assert_eq!(stream_timeout(Duration::ZERO), secs(15), "disabled");
         // Past every healthy silence (a timeout while the server decodes), well under the
         // 60 s default after which the server would free the slot anyway.
-        assert_eq!(silence_limit(secs(20)), secs(30));
+        assert_eq!(silence_limit(secs(15)), Duration::from_millis(22_500));
         assert_eq!(silence_limit(secs(4)), secs(9));
         // The idle backstop never preempts the server's ping at half the timeout.
-        assert!(idle_wakeup_interval(secs(20)) > silence_limit(secs(20)));
+        assert!(idle_wakeup_interval(secs(15)) > silence_limit(secs(15)));
     }
 
     #[test]
