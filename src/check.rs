@@ -100,6 +100,9 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
     let polling = cfg.source.mode == SourceMode::Polling;
     let table = setup::table_sql(cfg);
     if !polling {
+        if let Ok(pg) = cfg.postgres_config() {
+            crate::source::logical::single_server(&pg)?;
+        }
         setup::check_wal_level(&**client).await?;
         lines.push("postgres: wal_level = logical".into());
 

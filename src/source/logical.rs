@@ -10,10 +10,41 @@
 //! Shutdown finishes the transaction being read (it is committed and arrives whole), waits
 //! for every ack, confirms the final position in a status update and ends the stream, so a
 //! restart resends nothing.
+//!
+//! # Liveness
+//!
+//! A replication connection can die without its socket noticing: a NAT or firewall that drops
+//! its state, a proxy that keeps both ends open. Reads then wait forever and status updates
+//! vanish into buffers. The replication client owns its socket and offers no TCP options
+//! (keepalive, `tcp_user_timeout`), and TCP would not see a proxy's black hole anyway, so the
+//! relay judges the stream by what it receives from the walsender. Never by
+//! `pg_stat_replication`: a role without `pg_read_all_stats` (the one `sql/roles.sql` creates)
+//! sees its columns as NULL.
+//!
+//! - The connection sets its own `wal_sender_timeout`: the server's, at most
+//!   `STREAM_TIMEOUT_MAX` (15 s), also when the server's is 0 (disabled). The walsender pings a
+//!   client it has not heard from for half of it, and ends a client silent for all of it, so
+//!   the slot of a relay that vanished frees within that time.
+//! - The relay keeps quiet so that the pings come: it sends a status update when it has a new
+//!   position to confirm, answers every ping at once, and otherwise only after twice the
+//!   timeout as a backstop (the server's pings always come first).
+//! - A healthy server is therefore never silent for long: it pings within half the timeout of
+//!   last hearing from the relay when idle, and within the whole timeout while it decodes a
+//!   large transaction it sends nothing of (it then reads replies only every half timeout).
+//!   `watch_stream` counts as silence only time in which nothing arrived, nothing new was
+//!   confirmed and no event waited unread in the channel (a slow pipeline is not a dead
+//!   stream); past the timeout and a half (`silence_limit`) the session ends with
+//!   `StreamLost` and restarts from the confirmed position. The server has ended the old
+//!   walsender by then, so the slot is free.
+//!
+//! A standby that finds the slot busy evicts the holder only when it can see that the holder
+//! has been silent well past `wal_sender_timeout` (`setup::release_stale_slot`); with the
+//! columns hidden it never does, and the holder's own timeout frees the slot.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -122,6 +153,7 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
         problem: e.to_string(),
         fix: "set postgres.url to a valid libpq URL".into(),
     })?;
+    single_server(&pg)?;
     let (host, port) = match (pg.get_hosts().first(), pg.get_ports().first()) {
         (Some(tokio_postgres::config::Host::Tcp(h)), port) => (h.clone(), *port.unwrap_or(&5432)),
         #[cfg(unix)]
@@ -161,11 +193,35 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
     .with_port(port)
     .with_tls(tls)
     .with_application_name("outbox-relay")
-    // Timestamps arrive as text; pin their format so they parse the same everywhere.
-    .with_options("-c datestyle=ISO -c timezone=UTC")
+    .with_options(STREAM_OPTIONS)
     .with_buffer_size(stream_buffer_events(crate::sink::kafka::max_message_bytes(
         &cfg.kafka,
     ))))
+}
+
+/// Session settings of the replication connection. Timestamps arrive as text; pin their
+/// format so they parse the same everywhere.
+const STREAM_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC";
+
+/// Refuses a `postgres.url` that names several servers (`host=a,b`, several ports or
+/// `hostaddr`s). The pool picks one of them as libpq would (`target_session_attrs`), but the
+/// replication connection can only name one: it would stream from the first while the slot
+/// was prepared on another.
+pub fn single_server(pg: &tokio_postgres::Config) -> Result<(), SourceError> {
+    let servers = pg
+        .get_hosts()
+        .len()
+        .max(pg.get_ports().len())
+        .max(pg.get_hostaddrs().len());
+    if servers <= 1 {
+        return Ok(());
+    }
+    Err(SourceError::Definite {
+        problem: format!(
+            "postgres.url names {servers} servers; logical mode streams from one server and cannot follow the choice among several"
+        ),
+        fix: "point postgres.url at the primary alone (a DNS name or virtual IP that follows failovers), or use source.mode = \"polling\"".into(),
+    })
 }
 
 /// One leader session of the logical source: runs until shutdown (Ok) or a fault (Err).
@@ -181,20 +237,21 @@ pub async fn run_session(
     .await
     .map_err(|_| SourceError::Timeout("preparing the slot"))??;
 
-    let status_interval = feedback_interval(prepared.wal_sender_timeout);
+    let timeout = stream_timeout(prepared.wal_sender_timeout);
+    let status_interval = feedback_interval(timeout);
     let start = Lsn::from_u64(prepared.confirmed_flush);
-    // A name of its own, so the watchdog can find this session's walsender.
-    let application_name = format!(
-        "outbox-relay-{}-{}",
-        std::process::id(),
-        SESSION_COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
     let repl_cfg = replication_config(cfg)?
-        .with_application_name(application_name.clone())
+        .with_application_name(session_application_name(
+            SESSION_COUNTER.fetch_add(1, Ordering::Relaxed),
+        ))
+        .with_options(format!(
+            "{STREAM_OPTIONS} -c wal_sender_timeout={}ms",
+            timeout.as_millis()
+        ))
         .with_start_lsn(start)
         .with_ack_lsn(start)
         .with_status_interval(status_interval)
-        .with_wakeup_interval(idle_wakeup_interval(prepared.wal_sender_timeout));
+        .with_wakeup_interval(idle_wakeup_interval(timeout));
     let mut stream = ReplicationClient::connect(repl_cfg)
         .await
         .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
@@ -205,7 +262,10 @@ pub async fn run_session(
         let error = SourceError::replication(e, &cfg.source.slot);
         if matches!(error, SourceError::SlotBusy { .. }) {
             if let Ok(client) = session.pool.get().await {
-                super::setup::release_stale_slot(&**client, &cfg.source.slot, STALE_HOLDER).await;
+                if let Some(stale_after) = stale_holder_after(prepared.wal_sender_timeout) {
+                    super::setup::release_stale_slot(&**client, &cfg.source.slot, stale_after)
+                        .await;
+                }
             }
         }
         return Err(error);
@@ -241,12 +301,13 @@ pub async fn run_session(
         wanted: prepared.confirmed_flush,
         coverage,
         stream_metrics: stream.metrics(),
+        received: Arc::new(AtomicU64::new(0)),
     };
     let stream_lost = CancellationToken::new();
     let watchdog = tokio::spawn(watch_stream(
-        session.pool.clone(),
-        application_name,
         stream.metrics(),
+        Arc::clone(&pipeline.received),
+        silence_limit(timeout),
         stream_lost.clone(),
     ));
     let result = pipeline
@@ -291,73 +352,145 @@ pub async fn run_session(
 /// Numbers the sessions of this process, for their `application_name`.
 static SESSION_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// The `application_name` of this process's `n`th session, `outbox-relay-<host>-<random>-<n>`:
+/// unique across hosts and containers (where every relay may be PID 1), and short enough that
+/// Postgres keeps all of it (63 bytes). Shown in `pg_stat_replication`; nothing looks it up
+/// (the slot's `active_pid` names its walsender).
+fn session_application_name(n: u64) -> String {
+    static INSTANCE: OnceLock<String> = OnceLock::new();
+    let instance = INSTANCE.get_or_init(|| {
+        use std::hash::BuildHasher;
+        // Randomly keyed per process: relays started at the same instant still differ.
+        let random = std::collections::hash_map::RandomState::new()
+            .hash_one((std::process::id(), std::time::SystemTime::now()))
+            as u32;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        format!("{}{random:08x}", host_label(&host))
+    });
+    format!("outbox-relay-{instance}-{n}")
+}
+
+/// The first label of a host name, printable ASCII only, at most its last 20 characters (a
+/// pod's name ends in what tells replicas apart), with a `-` to follow it; empty if none.
+fn host_label(host: &str) -> String {
+    let label: Vec<char> = host
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    if label.is_empty() {
+        return String::new();
+    }
+    let tail: String = label[label.len().saturating_sub(20)..].iter().collect();
+    format!("{tail}-")
+}
+
 /// How long preparing and starting a session may take before it is retried.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How often the watchdog looks for this session's walsender.
-const WATCHDOG_INTERVAL: Duration = Duration::from_secs(5);
-/// Failed looks in a row after which the stream counts as lost.
-const WATCHDOG_STRIKES: u32 = 3;
-/// A slot holder that has not replied for this long is a dead connection (live relays reply
-/// at least every second): its walsender is terminated so the slot frees before
-/// `wal_sender_timeout`.
-const STALE_HOLDER: Duration = Duration::from_secs(10);
+/// The longest `wal_sender_timeout` the relay's replication connection asks for: a relay that
+/// vanished without closing its connection holds the slot this long at most, and a dead
+/// connection is found within [`silence_limit`] of it. The server then pings an idle relay
+/// every 7.5 s, so its `reply_time` stays younger than the 10 s after which relays before
+/// this version evicted a holder (a rolling update mixes versions).
+const STREAM_TIMEOUT_MAX: Duration = Duration::from_secs(15);
 
-/// Detects a replication connection that died without the socket noticing (a half-open
-/// connection: the server's walsender is gone, or the network drops everything). An idle
-/// stream carries no data to fail on, so a second connection checks that the server still
-/// has a walsender for this session and hears its status updates (sent every 100 ms);
-/// `WATCHDOG_STRIKES` failures in a row cancel `stream_lost`.
+/// The `wal_sender_timeout` of the relay's replication connection: the server's setting, at
+/// most [`STREAM_TIMEOUT_MAX`]; that too when the server's is 0 (disabled), because the
+/// stream's liveness rests on the server's pings.
+fn stream_timeout(server: Duration) -> Duration {
+    if server.is_zero() {
+        STREAM_TIMEOUT_MAX
+    } else {
+        server.min(STREAM_TIMEOUT_MAX)
+    }
+}
+
+/// How long a healthy stream can go without a message: the server pings within half the
+/// timeout of last hearing from the relay, or within the whole timeout while it decodes a
+/// transaction it sends nothing of; half a timeout more (at least 5 s) is the margin.
+fn silence_limit(stream_timeout: Duration) -> Duration {
+    stream_timeout + (stream_timeout / 2).max(Duration::from_secs(5))
+}
+
+/// How long a standby lets the slot's holder stay silent (by `pg_stat_replication.reply_time`)
+/// before it terminates the holder's walsender: past `wal_sender_timeout`, by half of it and at
+/// least 10 s (`reply_time` is the holder's clock). `None` when the server's timeout is
+/// disabled: a silent holder may be alive.
+fn stale_holder_after(wal_sender_timeout: Duration) -> Option<Duration> {
+    (!wal_sender_timeout.is_zero())
+        .then(|| wal_sender_timeout + (wal_sender_timeout / 2).max(Duration::from_secs(10)))
+}
+
+/// How often the watchdog looks at the stream.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Ends the session (cancels `stream_lost`) when the stream has been silent for `limit`: see
+/// the module's "Liveness". `received` counts the events the pipeline took from the channel.
 async fn watch_stream(
-    pool: deadpool_postgres::Pool,
-    application_name: String,
     stream_metrics: Arc<pgwire_replication::ReplicationMetrics>,
+    received: Arc<AtomicU64>,
+    limit: Duration,
     stream_lost: CancellationToken,
 ) {
-    let mut strikes = 0;
-    let mut forwarded = stream_metrics.events_forwarded();
+    let mut silence = Silence::new(
+        stream_metrics.events_forwarded(),
+        stream_metrics.last_applied_lsn().as_u64(),
+        Instant::now(),
+    );
     loop {
-        tokio::time::sleep(WATCHDOG_INTERVAL).await;
-        // Data still arrives: the connection lives, even while a walsender busy replaying a
-        // huge transaction leaves our status updates unread.
-        let now_forwarded = stream_metrics.events_forwarded();
-        if now_forwarded != forwarded {
-            forwarded = now_forwarded;
-            strikes = 0;
-            continue;
-        }
-        let found = tokio::time::timeout(WATCHDOG_INTERVAL, async {
-            let client = pool.get().await.ok()?;
-            // Silent for longer than a stale holder: our status updates don't arrive.
-            let row = client
-                .query_opt(
-                    "SELECT extract(epoch FROM now() - coalesce(reply_time, backend_start))::float8 \
-                     FROM pg_stat_replication WHERE application_name = $1",
-                    &[&application_name],
-                )
-                .await;
-            match row {
-                Ok(row) => Some(row.is_some_and(|r| r.get::<_, f64>(0) < STALE_HOLDER.as_secs_f64())),
-                Err(_) => {
-                    // A broken connection must not go back to the pool.
-                    let _ = deadpool_postgres::Object::take(client);
-                    None
-                }
-            }
-        })
-        .await;
-        match found {
-            Ok(Some(true)) => strikes = 0,
-            _ => strikes += 1,
-        }
-        if strikes >= WATCHDOG_STRIKES {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let heard = stream_metrics.events_forwarded();
+        let silent = silence.observe(
+            heard,
+            stream_metrics.last_applied_lsn().as_u64(),
+            received.load(Ordering::Relaxed) < heard,
+            Instant::now(),
+        );
+        if silent >= limit {
             tracing::warn!(
-                application_name,
-                "no walsender serves this replication stream any more; reconnecting"
+                silent_secs = silent.as_secs(),
+                "nothing heard from the server on the replication stream, not even a keepalive; the connection is dead, reconnecting"
             );
             stream_lost.cancel();
             return;
         }
+    }
+}
+
+/// Since when a stream has been silent: nothing arrived, no new position went to the server,
+/// and nothing waited unread.
+#[derive(Debug)]
+struct Silence {
+    /// Events the replication client has handed over.
+    heard: u64,
+    /// The position in the last status update sent.
+    reported: u64,
+    since: Instant,
+}
+
+impl Silence {
+    fn new(heard: u64, reported: u64, now: Instant) -> Self {
+        Self {
+            heard,
+            reported,
+            since: now,
+        }
+    }
+
+    /// How long the stream has been silent at `now`. `backlog`: events wait in the channel,
+    /// so the pipeline is behind and the client is not reading (backpressure, not silence).
+    fn observe(&mut self, heard: u64, reported: u64, backlog: bool, now: Instant) -> Duration {
+        if heard != self.heard || reported != self.reported || backlog {
+            *self = Self::new(heard, reported, now);
+        }
+        now.saturating_duration_since(self.since)
     }
 }
 
@@ -370,10 +503,12 @@ fn feedback_interval(wal_sender_timeout: Duration) -> Duration {
     bounded_by_timeout(FEEDBACK_EVERY, wal_sender_timeout)
 }
 
-/// How long an idle stream waits for data before it sends a status update anyway:
-/// `min(1 s, wal_sender_timeout / 2)`.
-fn idle_wakeup_interval(wal_sender_timeout: Duration) -> Duration {
-    bounded_by_timeout(Duration::from_secs(1), wal_sender_timeout)
+/// How long an idle stream waits for a message before it sends a status update anyway: twice
+/// the stream's timeout, a backstop only. The server pings a quiet client after half the
+/// timeout, and the client answers; updates sent more often would keep those pings, the
+/// stream's proof of life, from coming (see the module's "Liveness").
+fn idle_wakeup_interval(stream_timeout: Duration) -> Duration {
+    stream_timeout * 2
 }
 
 /// `min(interval, wal_sender_timeout / 2)`, at least 10 ms; `wal_sender_timeout = 0`
@@ -402,6 +537,8 @@ struct Pipeline<'a> {
     wanted: u64,
     coverage: Arc<Gate>,
     stream_metrics: Arc<pgwire_replication::ReplicationMetrics>,
+    /// Events taken from the stream, for the watchdog.
+    received: Arc<AtomicU64>,
 }
 
 impl Pipeline<'_> {
@@ -444,13 +581,16 @@ impl Pipeline<'_> {
                         return Err(SourceError::Sink(crate::sink::kafka::SinkError::Delivery(failure)));
                     }
                 }
-                // 4. The watchdog found no walsender for this stream: the connection is dead
-                // even if the socket looks open.
+                // 4. The watchdog heard nothing from the server for too long: the connection
+                // is dead even if the socket looks open.
                 _ = &mut lost => return Err(SourceError::StreamLost),
                 // 5. New data.
                 event = stream.recv() => {
                     match event.map_err(|e| SourceError::replication(e, &self.cfg.source.slot))? {
-                        Some(event) => self.handle(event, stream, sink, shared).await?,
+                        Some(event) => {
+                            self.received.fetch_add(1, Ordering::Relaxed);
+                            self.handle(event, stream, sink, shared).await?
+                        }
                         None => return Err(SourceError::StreamEnded),
                     }
                 }
@@ -955,13 +1095,101 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(
-            idle_wakeup_interval(Duration::from_secs(60)),
-            Duration::from_secs(1)
+            idle_wakeup_interval(Duration::from_secs(15)),
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn the_stream_timeout_is_the_servers_at_most_fifteen_seconds() {
+        let secs = Duration::from_secs;
+        assert_eq!(stream_timeout(secs(60)), secs(15));
+        assert_eq!(stream_timeout(secs(10)), secs(10));
+        assert_eq!(stream_timeout(Duration::ZERO), secs(15), "disabled");
+        // Past every healthy silence (a timeout while the server decodes), well under the
+        // 60 s default after which the server would free the slot anyway.
+        assert_eq!(silence_limit(secs(15)), Duration::from_millis(22_500));
+        assert_eq!(silence_limit(secs(4)), secs(9));
+        // The idle backstop never preempts the server's ping at half the timeout.
+        assert!(idle_wakeup_interval(secs(15)) > silence_limit(secs(15)));
+    }
+
+    #[test]
+    fn a_holder_is_stale_only_well_past_wal_sender_timeout() {
+        let secs = Duration::from_secs;
+        assert_eq!(stale_holder_after(secs(60)), Some(secs(90)));
+        assert_eq!(stale_holder_after(secs(10)), Some(secs(20)));
+        assert_eq!(stale_holder_after(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn silence_counts_only_time_without_messages_confirmations_or_backlog() {
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut silence = Silence::new(5, 100, t0);
+        assert_eq!(
+            silence.observe(5, 100, false, at(10)),
+            Duration::from_secs(10)
+        );
+        // A keepalive arrived.
+        assert_eq!(silence.observe(6, 100, false, at(12)), Duration::ZERO);
+        assert_eq!(
+            silence.observe(6, 100, false, at(20)),
+            Duration::from_secs(8)
+        );
+        // A new position went out: the server answers that within a timeout.
+        assert_eq!(silence.observe(6, 140, false, at(21)), Duration::ZERO);
+        // Events wait unread: the pipeline is behind, the client does not read.
+        assert_eq!(silence.observe(6, 140, true, at(50)), Duration::ZERO);
+        assert_eq!(
+            silence.observe(6, 140, false, at(53)),
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn application_names_are_unique_and_fit_postgres() {
+        let a = session_application_name(0);
+        let b = session_application_name(1);
+        assert_ne!(a, b);
+        assert!(a.starts_with("outbox-relay-"), "{a}");
+        assert!(a.len() <= 63, "{a}");
+        assert!(session_application_name(u64::MAX).len() <= 63);
+        assert_eq!(
+            host_label("relay-7d9f8b6c4-x2x9.svc.cluster"),
+            "relay-7d9f8b6c4-x2x9-"
         );
         assert_eq!(
-            idle_wakeup_interval(Duration::from_millis(800)),
-            Duration::from_millis(400)
+            host_label("a-very-long-host-name-with-its-unique-end"),
+            "-with-its-unique-end-"
         );
-        assert_eq!(idle_wakeup_interval(Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(host_label("\n"), "");
+    }
+
+    #[test]
+    fn a_url_naming_several_servers_is_refused() {
+        let refused = |url: &str| {
+            let toml = format!("[postgres]\nurl = \"{url}\"\n");
+            let cfg = Config::from_parts(Some(&toml), Vec::new()).expect("a valid config");
+            match replication_config(&cfg) {
+                Ok(_) => false,
+                Err(SourceError::Definite { problem, .. }) => {
+                    assert!(problem.contains("servers"), "{problem}");
+                    true
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(refused(
+            "host=a,b target_session_attrs=read-write user=u dbname=d"
+        ));
+        assert!(refused(
+            "postgres://u@a:5432,b:5433/d?target_session_attrs=read-write"
+        ));
+        assert!(refused("host=a port=5432,5433 user=u"));
+        assert!(!refused(
+            "postgres://u@a:5432/d?target_session_attrs=read-write"
+        ));
+        assert!(!refused("host=/var/run/postgresql user=u"));
     }
 }

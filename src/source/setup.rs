@@ -402,23 +402,40 @@ pub(crate) fn parse_lsn(text: &str) -> Result<u64, SourceError> {
         })
 }
 
-/// Frees `slot` from a holder that stopped replying (a connection that died half-open keeps
-/// its walsender, and the slot, until `wal_sender_timeout`). A live relay replies every
-/// second, so one silent for `stale_after` is dead; its walsender is terminated.
+/// Frees `slot` from a holder that is really gone: its walsender has had no reply for
+/// `stale_after` (past `wal_sender_timeout`, after which the server would end it itself; a
+/// connection that died half-open can keep it longer when the holder set a longer timeout).
+/// A live relay answers its server's pings within `wal_sender_timeout`. Without the right to
+/// see `pg_stat_replication.reply_time` (NULL without `pg_read_all_stats`) nothing is
+/// terminated: the holder's own timeout frees the slot.
 pub async fn release_stale_slot(client: &impl GenericClient, slot: &str, stale_after: Duration) {
     let row = client
         .query_opt(
-            "SELECT r.pid, extract(epoch FROM now() - coalesce(r.reply_time, r.backend_start))::float8 \
-             FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+            "SELECT s.active_pid, extract(epoch FROM now() - r.reply_time)::float8 \
+             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = $1",
             &[&slot],
         )
         .await;
-    let Ok(Some(row)) = row else {
+    let row = match row {
+        Ok(Some(row)) => row,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(slot, error = %e, "cannot look at the slot's holder");
+            return;
+        }
+    };
+    let (Some(pid), silent) = (row.get::<_, Option<i32>>(0), row.get::<_, Option<f64>>(1)) else {
+        return; // the slot is free again
+    };
+    let Some(silent) = silent else {
+        tracing::debug!(
+            slot,
+            pid,
+            "cannot see when the slot's holder last replied (no pg_read_all_stats); waiting for its wal_sender_timeout"
+        );
         return;
     };
-    let pid: i32 = row.get(0);
-    let silent: f64 = row.get(1);
     if silent < stale_after.as_secs_f64() {
         return;
     }
@@ -430,7 +447,7 @@ pub async fn release_stale_slot(client: &impl GenericClient, slot: &str, stale_a
             slot,
             pid,
             silent_secs = silent as u64,
-            "terminated a walsender holding the slot without replying (a dead connection)"
+            "terminated a walsender holding the slot without replying past wal_sender_timeout (a dead connection)"
         ),
         Err(e) => tracing::warn!(slot, pid, error = %e, "cannot terminate the stale slot holder"),
     }
