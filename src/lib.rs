@@ -9,6 +9,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod relay;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::polling::Cursor;
 use crate::metrics::Metrics;
-use crate::relay::error_chain;
+use crate::error::error_chain;
 use crate::status::RelayState;
 
 /// How often pending rows are counted and the horizon is watched: a count is a scan.
