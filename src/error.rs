@@ -3,7 +3,7 @@
 //!
 //! A [`Definite`] error stops the relay: retrying cannot help, so it stays up, not ready, and
 //! says what is wrong and how to fix it (log, `/status`, `outbox-relay check`). What the relay
-//! does with every other error is the relay's to decide. This module imports nothing
+//! does with each kind of error is [`crate::policy`]'s to decide. This module imports nothing
 //! from the rest of the crate, so every stage can build these errors.
 
 /// A fault the operator must fix. `Display` renders "problem; to fix: fix".

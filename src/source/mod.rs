@@ -34,7 +34,7 @@ pub struct Session {
 }
 
 /// Why a session ended. What the relay does about it (retry, stand by, halt) is
-/// the relay's to decide.
+/// [`crate::policy`]'s to decide.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// Only the operator can fix it.
