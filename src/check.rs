@@ -180,9 +180,7 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             "postgres: publication {} missing; run will create it (source.create = true)",
             cfg.source.publication
         )),
-        (None, false) => {
-            return Err(setup::publication_missing(cfg, true).into())
-        }
+        (None, false) => return Err(setup::publication_missing(cfg, true).into()),
     }
 
     let slot = client
@@ -212,11 +210,9 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             let active: bool = row.get(1);
             let wal_status: Option<String> = row.get(2);
             if wal_status.as_deref() == Some("lost") {
-                return Err(setup::slot_lost(
-                    &cfg.source.slot,
-                    row.get::<_, Option<&str>>(3),
-                )
-                .into());
+                return Err(
+                    setup::slot_lost(&cfg.source.slot, row.get::<_, Option<&str>>(3)).into(),
+                );
             }
             lines.push(format!(
                 "postgres: slot {} uses pgoutput ({}, wal_status {}{})",

@@ -11,34 +11,52 @@
 pub enum Definite {
     // postgres.url and its TLS settings
     /// `postgres.url` cannot be parsed or used.
-    PostgresUrl { problem: String },
+    PostgresUrl {
+        problem: String,
+    },
     /// The TLS settings of `postgres.url` are unusable.
-    PostgresTls { problem: String },
+    PostgresTls {
+        problem: String,
+    },
     /// `postgres.url` names several servers; logical mode streams from one.
-    SeveralServers { servers: usize },
+    SeveralServers {
+        servers: usize,
+    },
 
     // Server settings and privileges
-    WalLevel { level: String },
+    WalLevel {
+        level: String,
+    },
     /// Postgres refused a statement with SQLSTATE 42501 (insufficient privilege).
     PermissionDenied {
         context: &'static str,
         message: String,
     },
     /// The replication connection's login was refused.
-    ReplicationLogin { error: String },
+    ReplicationLogin {
+        error: String,
+    },
     /// The replication connection lacks a privilege.
-    ReplicationPrivilege { error: String },
+    ReplicationPrivilege {
+        error: String,
+    },
     /// `check`: the role has neither REPLICATION nor SUPERUSER.
     NoReplicationRole,
     /// `check`: the role cannot read the outbox table.
-    CannotSelect { table: String },
+    CannotSelect {
+        table: String,
+    },
     /// `check`: the role cannot read and write `outbox.relay_state`.
     StateTableRights,
     /// `check`: retention is on but the role cannot delete.
-    CannotDelete { table: String },
+    CannotDelete {
+        table: String,
+    },
 
     // The outbox table
-    TableMissing { table: String },
+    TableMissing {
+        table: String,
+    },
     ColumnMissing {
         table: String,
         column: String,
@@ -57,7 +75,10 @@ pub enum Definite {
         commit_lsn: String,
     },
     /// Polling: the `txid` column has a type that is not the writer's transaction id.
-    TxidType { table: String, found: String },
+    TxidType {
+        table: String,
+        found: String,
+    },
 
     // The publication's coverage of the outbox table
     /// `publication` is the name, `quoted` its SQL identifier.
@@ -69,7 +90,9 @@ pub enum Definite {
         create_disabled: bool,
     },
     /// The replication stream says the publication is missing.
-    PublicationMissingInStream { error: String },
+    PublicationMissingInStream {
+        error: String,
+    },
     NoInserts {
         publication: String,
         quoted: String,
@@ -107,15 +130,28 @@ pub enum Definite {
         was: u32,
         now: String,
     },
-    Readded { publication: String, table: String },
+    Readded {
+        publication: String,
+        table: String,
+    },
     /// A streaming session's verification found `cause`; the slot stays at or before `held`.
-    CoverageLost { cause: Box<Definite>, held: String },
+    CoverageLost {
+        cause: Box<Definite>,
+        held: String,
+    },
 
     // The replication slot
-    SlotMissing { slot: String },
+    SlotMissing {
+        slot: String,
+    },
     /// The slot the relay consumed up to `position` no longer exists.
-    SlotVanished { slot: String, position: String },
-    SlotVanishedWhileStreaming { slot: String },
+    SlotVanished {
+        slot: String,
+        position: String,
+    },
+    SlotVanishedWhileStreaming {
+        slot: String,
+    },
     /// `wal_status = lost`; `confirmed` is the slot's last confirmed position when known.
     SlotLost {
         slot: String,
@@ -125,14 +161,26 @@ pub enum Definite {
         slot: String,
         plugin: Option<String>,
     },
-    SlotOtherDatabase { slot: String },
-    UnreadableLsn { text: String },
+    SlotOtherDatabase {
+        slot: String,
+    },
+    UnreadableLsn {
+        text: String,
+    },
 
     // The polling cursor
     StateTableMissing,
-    CursorKind { name: String, kind: String },
-    CursorUnreadable { name: String, position: String },
-    CursorVanished { name: String },
+    CursorKind {
+        name: String,
+        kind: String,
+    },
+    CursorUnreadable {
+        name: String,
+        position: String,
+    },
+    CursorVanished {
+        name: String,
+    },
 
     // Events and Kafka
     /// `source.on_invalid = "halt"` and an event is invalid.
@@ -142,7 +190,10 @@ pub enum Definite {
         error: String,
     },
     /// The dead-letter topic refused a record even without its value.
-    DeadLetterRefused { topic: String, error: String },
+    DeadLetterRefused {
+        topic: String,
+        error: String,
+    },
 }
 
 /// Inserts committed while the table was not covered are gone from the stream.

@@ -134,7 +134,10 @@ mod tests {
                 }),
                 Retry,
             ),
-            (SourceError::Sink(SinkError::Delivery(s("timed out"))), Retry),
+            (
+                SourceError::Sink(SinkError::Delivery(s("timed out"))),
+                Retry,
+            ),
             (SourceError::Sink(SinkError::Stopped(s("t"))), Retry),
             (SourceError::Sink(SinkError::QueueFullAtShutdown), Retry),
             (SourceError::Sink(SinkError::LeadershipLost), Retry),
@@ -170,7 +173,9 @@ mod tests {
                 Halt("point postgres.url at the primary alone"),
             ),
             (
-                definite(Definite::WalLevel { level: s("replica") }),
+                definite(Definite::WalLevel {
+                    level: s("replica"),
+                }),
                 Halt("set wal_level = logical in postgresql.conf"),
             ),
             (
@@ -253,7 +258,9 @@ mod tests {
                     table: s("t"),
                     create_disabled: true,
                 }),
-                Halt("CREATE PUBLICATION \"p\" FOR TABLE t WITH (publish_via_partition_root = true)"),
+                Halt(
+                    "CREATE PUBLICATION \"p\" FOR TABLE t WITH (publish_via_partition_root = true)",
+                ),
             ),
             (
                 definite(Definite::PublicationMissingInStream {
@@ -293,7 +300,9 @@ mod tests {
                     table: s("t"),
                     needs_via_root: true,
                 }),
-                Halt("ADD TABLE t; ALTER PUBLICATION \"p\" SET (publish_via_partition_root = true)"),
+                Halt(
+                    "ADD TABLE t; ALTER PUBLICATION \"p\" SET (publish_via_partition_root = true)",
+                ),
             ),
             (
                 definite(Definite::RowFilter {

@@ -308,13 +308,12 @@ impl<P: Copy + Ord> Shared<P> {
     /// The error that halts the relay, once the dead-letter topic refused a record for good.
     fn halt_error(&self) -> Option<SinkError> {
         let halt = self.halt.lock().unwrap_or_else(|p| p.into_inner());
-        halt.as_ref()
-            .map(|(topic, error)| {
-                SinkError::Definite(Definite::DeadLetterRefused {
-                    topic: topic.clone(),
-                    error: error.clone(),
-                })
+        halt.as_ref().map(|(topic, error)| {
+            SinkError::Definite(Definite::DeadLetterRefused {
+                topic: topic.clone(),
+                error: error.clone(),
             })
+        })
     }
 }
 

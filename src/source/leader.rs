@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::setup::pg;
 use super::SourceError;
-use crate::error::{error_chain, Definite};
 use crate::config::Config;
+use crate::error::{error_chain, Definite};
 
 /// The channel `outbox.notify_relay()` notifies (sql/outbox.sql).
 pub const NOTIFY_CHANNEL: &str = "outbox_relay";

@@ -54,8 +54,8 @@ use super::coverage::Gate;
 use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
 use super::{Session, SourceError};
-use crate::error::{error_chain, Definite};
 use crate::config::Config;
+use crate::error::{error_chain, Definite};
 use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
 use crate::sink::kafka::{KafkaSink, Shared};
 
@@ -166,9 +166,7 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
     let tls = cfg
         .postgres_tls()
         .map_err(|e| e.to_string())
-        .and_then(|tls| {
-            crate::tls::replication_tls(&tls, &host).map_err(|e| error_chain(&e))
-        })
+        .and_then(|tls| crate::tls::replication_tls(&tls, &host).map_err(|e| error_chain(&e)))
         .map_err(|problem| Definite::PostgresTls { problem })?;
     Ok(ReplicationConfig::new(
         host,

@@ -88,10 +88,7 @@ impl SourceError {
     /// True when only the operator can fix it: the session delivers and confirms what
     /// precedes the cause before it ends.
     pub fn is_definite(&self) -> bool {
-        matches!(
-            self,
-            Self::Definite(_) | Self::Sink(SinkError::Definite(_))
-        )
+        matches!(self, Self::Definite(_) | Self::Sink(SinkError::Definite(_)))
     }
 
     pub(crate) fn pool(e: deadpool_postgres::PoolError) -> Self {
@@ -322,6 +319,9 @@ mod tests {
             SourceError::Definite(Definite::DeadLetterRefused { .. })
         ));
         let delivery: SourceError = SinkError::Delivery("broker down".into()).into();
-        assert!(matches!(delivery, SourceError::Sink(SinkError::Delivery(_))));
+        assert!(matches!(
+            delivery,
+            SourceError::Sink(SinkError::Delivery(_))
+        ));
     }
 }
