@@ -7,7 +7,8 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::{Config, SourceMode};
-use crate::relay::{error_chain, pool, RunError};
+use crate::error::{error_chain, Definite};
+use crate::relay::{pool, RunError};
 use crate::sink::kafka;
 use crate::source::setup::PollingSetup;
 use crate::source::{coverage, leader, polling, setup, SourceError};
@@ -56,7 +57,9 @@ pub async fn check(cfg: &Config) -> bool {
 
     match check_postgres(cfg).await {
         Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-        Err(SourceError::Definite { problem, fix }) => fail("postgres", problem, &fix),
+        Err(SourceError::Definite(definite)) => {
+            fail("postgres", definite.problem(), &definite.fix())
+        }
         Err(e) => fail(
             "postgres",
             format!(
@@ -91,9 +94,8 @@ pub async fn check(cfg: &Config) -> bool {
 }
 
 async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
-    let pool = pool(cfg).map_err(|e| SourceError::Definite {
+    let pool = pool(cfg).map_err(|e| Definite::PostgresUrl {
         problem: error_chain(&e),
-        fix: "set postgres.url to a valid libpq URL".into(),
     })?;
     let client = pool.get().await.map_err(SourceError::pool)?;
     let mut lines = vec!["postgres: reachable".to_owned()];
@@ -117,10 +119,7 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
                 source,
             })?;
         if !row.get::<_, bool>(0) {
-            return Err(SourceError::Definite {
-                problem: "the relay's role has neither REPLICATION nor SUPERUSER".into(),
-                fix: "ALTER ROLE <relay role> REPLICATION (see sql/roles.sql)".into(),
-            });
+            return Err(Definite::NoReplicationRole.into());
         }
         lines.push("postgres: role may stream replication".into());
     }
@@ -135,10 +134,7 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             source,
         })?;
     if !row.get::<_, bool>(0) {
-        return Err(SourceError::Definite {
-            problem: format!("the outbox table {table} does not exist"),
-            fix: "run `outbox-relay init` or set source.table".into(),
-        });
+        return Err(Definite::TableMissing { table }.into());
     }
     let readable: bool = client
         .query_one("SELECT has_table_privilege($1, 'SELECT')", &[&qualified])
@@ -149,10 +145,7 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
         })?
         .get(0);
     if !readable {
-        return Err(SourceError::Definite {
-            problem: format!("the relay's role cannot SELECT from {table}"),
-            fix: format!("GRANT SELECT ON {table} TO <relay role> (see sql/roles.sql)"),
-        });
+        return Err(Definite::CannotSelect { table }.into());
     }
     lines.push(format!("postgres: outbox table {table} readable"));
     if polling {
@@ -187,15 +180,7 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             "postgres: publication {} missing; run will create it (source.create = true)",
             cfg.source.publication
         )),
-        (None, false) => {
-            return Err(SourceError::Definite {
-                problem: format!(
-                    "publication {} does not exist and source.create is false",
-                    cfg.source.publication
-                ),
-                fix: "run `outbox-relay init` as the table owner".into(),
-            })
-        }
+        (None, false) => return Err(setup::publication_missing(cfg, true).into()),
     }
 
     let slot = client
@@ -216,22 +201,18 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
         Some(row) => {
             let plugin: Option<String> = row.get(0);
             if plugin.as_deref() != Some("pgoutput") {
-                return Err(SourceError::Definite {
-                    problem: format!(
-                        "slot {} uses plugin {} instead of pgoutput",
-                        cfg.source.slot,
-                        plugin.as_deref().unwrap_or("(physical)")
-                    ),
-                    fix: "choose another source.slot, or drop that slot if nothing uses it".into(),
-                });
+                return Err(Definite::SlotPlugin {
+                    slot: cfg.source.slot.clone(),
+                    plugin,
+                }
+                .into());
             }
             let active: bool = row.get(1);
             let wal_status: Option<String> = row.get(2);
             if wal_status.as_deref() == Some("lost") {
-                return Err(setup::slot_lost(
-                    &cfg.source.slot,
-                    row.get::<_, Option<&str>>(3),
-                ));
+                return Err(
+                    setup::slot_lost(&cfg.source.slot, row.get::<_, Option<&str>>(3)).into(),
+                );
             }
             lines.push(format!(
                 "postgres: slot {} uses pgoutput ({}, wal_status {}{})",
@@ -251,13 +232,10 @@ async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
             cfg.source.slot
         )),
         None => {
-            return Err(SourceError::Definite {
-                problem: format!(
-                    "slot {} does not exist and source.create is false",
-                    cfg.source.slot
-                ),
-                fix: "run `outbox-relay init`".into(),
-            })
+            return Err(Definite::SlotMissing {
+                slot: cfg.source.slot.clone(),
+            }
+            .into())
         }
     }
     lines.extend(failover_lines(&**client, cfg, slot_failover).await?);
@@ -396,11 +374,7 @@ async fn check_polling(
         .await
         .map_err(setup::pg("checking the state table"))?;
     if !rights.get::<_, bool>(0) {
-        return Err(SourceError::Definite {
-            problem: "the relay cannot read and write outbox.relay_state (the polling cursor)"
-                .into(),
-            fix: "run `outbox-relay init`, and GRANT SELECT, INSERT, UPDATE ON outbox.relay_state TO <relay role> (see sql/roles.sql)".into(),
-        });
+        return Err(Definite::StateTableRights.into());
     }
     lines.push("postgres: polling cursor table writable".into());
     if cfg.source.retention.is_some() {
@@ -411,12 +385,7 @@ async fn check_polling(
             .map_err(setup::pg("checking privileges"))?
             .get(0);
         if !may_delete {
-            return Err(SourceError::Definite {
-                problem: format!(
-                    "source.retention is set but the relay cannot DELETE from {table}"
-                ),
-                fix: format!("GRANT DELETE ON {table} TO <relay role>, or remove source.retention"),
-            });
+            return Err(Definite::CannotDelete { table }.into());
         }
         lines.push("postgres: retention may delete published rows".into());
     }

@@ -6,7 +6,7 @@
 //! on a transient fault is restarted from the confirmed position with backoff, forever; one
 //! that finds the replication slot busy makes this relay a ready standby that retries every
 //! second or two; a definite error (something the operator must fix) halts the relay with
-//! the fix in the log and `/status`.
+//! the fix in the log and `/status`. Which is which is [`crate::policy`]'s to say.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,9 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceMode};
+pub use crate::error::error_chain;
 use crate::metrics::Metrics;
+use crate::policy::{self, Directive};
 use crate::route::Router;
 use crate::sink::kafka;
 use crate::source::{logical, polling, Session, SourceError};
@@ -150,9 +152,12 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
             SourceMode::Logical => logical::run_session(session, shutdown).await,
             SourceMode::Polling => polling::run_session(session, shutdown).await,
         };
-        let wait = match result {
+        let e = match result {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_definite() => {
+            Err(e) => e,
+        };
+        let wait = match policy::directive(&e) {
+            Directive::Halt { .. } => {
                 // Stay up, not ready, saying why: the operator reads it in the log,
                 // `/status` and `/readyz`, and a restart loop would only hide it.
                 let text = e.to_string();
@@ -166,13 +171,13 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
                 {}
                 return Err(e.into());
             }
-            Err(SourceError::SlotBusy { slot: held } | SourceError::LeaderBusy { table: held }) => {
-                tracing::debug!(%held, "standing by: another relay leads");
+            Directive::Standby => {
+                tracing::debug!(reason = %e, "standing by: another relay leads");
                 session.state.set_source_ok(true);
                 first = true;
                 STANDBY_RETRY
             }
-            Err(e) => {
+            Directive::Retry => {
                 let text = error_chain(&e);
                 tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "source session failed; resuming from the confirmed position");
                 session.state.set_error(Some(text));
@@ -190,22 +195,6 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
             _ = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-/// An error with its causes, one line, each cause once.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        // Some errors (tokio-postgres's) already include their cause in their message.
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Refreshes reachability and slot statistics for `/readyz`, `/status` and the gauges.

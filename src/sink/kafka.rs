@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::{Checkpoint, UnitId};
 use crate::config::KafkaConfig;
+use crate::error::Definite;
 use crate::metrics::Metrics;
 use crate::route::{DeadLetterReason, Record, Routed, Router};
 use crate::status::RelayState;
@@ -197,15 +198,9 @@ pub enum SinkError {
     LeadershipLost,
     #[error("topic {topic} refused a batch of records as too large; producer batches are now capped at {cap} bytes and the records are resent")]
     BatchTooLarge { topic: String, cap: usize },
-    #[error("the dead-letter topic {topic} refused a record even without its value ({error}); to fix: let the topic take it (its max.message.bytes, policy or ACLs), then restart the relay")]
-    DeadLetterRefused { topic: String, error: String },
-}
-
-impl SinkError {
-    /// True when retrying cannot help: the relay halts and says why.
-    pub fn is_definite(&self) -> bool {
-        matches!(self, Self::DeadLetterRefused { .. })
-    }
+    /// Only the operator can fix it (the dead-letter topic refused a record for good).
+    #[error(transparent)]
+    Definite(Definite),
 }
 
 /// What a refused record was.
@@ -313,11 +308,12 @@ impl<P: Copy + Ord> Shared<P> {
     /// The error that halts the relay, once the dead-letter topic refused a record for good.
     fn halt_error(&self) -> Option<SinkError> {
         let halt = self.halt.lock().unwrap_or_else(|p| p.into_inner());
-        halt.as_ref()
-            .map(|(topic, error)| SinkError::DeadLetterRefused {
+        halt.as_ref().map(|(topic, error)| {
+            SinkError::Definite(Definite::DeadLetterRefused {
                 topic: topic.clone(),
                 error: error.clone(),
             })
+        })
     }
 }
 
@@ -868,10 +864,10 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
                 return Ok(());
             }
             RefusedKind::DeadLetter | RefusedKind::DeadLetterWithoutValue => {
-                return Err(SinkError::DeadLetterRefused {
+                return Err(SinkError::Definite(Definite::DeadLetterRefused {
                     topic: refused.topic,
                     error: refused.error,
-                });
+                }));
             }
         }
         let headers = refused

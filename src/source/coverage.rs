@@ -23,12 +23,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwire_replication::Lsn;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::GenericClient;
 
-use super::setup::{parse_lsn, pg, quote_ident, table_sql};
+use super::setup::{parse_lsn, pg, publication_missing, quote_ident, table_sql};
 use super::SourceError;
 use crate::config::Config;
+use crate::error::{error_chain, Definite};
 
 /// How often a streaming session verifies coverage again: confirmed positions trail the
 /// server's WAL by about this much when the outbox is idle.
@@ -213,46 +213,26 @@ async fn verify_since(
 
 /// The error for an outbox table dropped and created again under the same name.
 pub(crate) fn recreated(cfg: &Config, was: u32, now: impl std::fmt::Display) -> SourceError {
-    let table = table_sql(cfg);
-    let name = quote_ident(&cfg.source.publication);
-    definite(
-        format!(
-            "the outbox table {table} was dropped and created again while the relay ran (relation {was} is now {now})"
-        ),
-        format!(
-            "make sure publication {name} publishes the new table (ALTER PUBLICATION {name} ADD TABLE {table}) and restart the relay; \
-             inserts into the new table committed before it was in the publication are not in the replication stream: republish them"
-        ),
-    )
-}
-
-fn definite(problem: String, fix: String) -> SourceError {
-    SourceError::Definite { problem, fix }
+    Definite::TableRecreated {
+        quoted: quote_ident(&cfg.source.publication),
+        table: table_sql(cfg),
+        was,
+        now: now.to_string(),
+    }
+    .into()
 }
 
 /// The table exists and has every configured column, none of them generated.
 pub fn judge_table(finding: &Finding, cfg: &Config) -> Result<(), SourceError> {
     let table = table_sql(cfg);
     if finding.relid.is_none() {
-        return Err(definite(
-            format!("the outbox table {table} does not exist"),
-            "run `outbox-relay init` (it applies sql/outbox.sql) or set source.table".into(),
-        ));
+        return Err(Definite::TableMissing { table }.into());
     }
     for (key, name) in required_columns(cfg) {
+        let column = name.to_owned();
         match finding.columns.iter().find(|(column, _)| column == name) {
-            None => {
-                return Err(definite(
-                    format!("the outbox table {table} has no column {name:?} (source.columns.{key})"),
-                    format!("set source.columns.{key} to the column's name, or add the column (see sql/outbox.sql)"),
-                ))
-            }
-            Some((_, true)) => {
-                return Err(definite(
-                    format!("column {name:?} of {table} (source.columns.{key}) is generated, and logical replication does not send generated columns"),
-                    format!("map source.columns.{key} to a stored column"),
-                ))
-            }
+            None => return Err(Definite::ColumnMissing { table, column, key }.into()),
+            Some((_, true)) => return Err(Definite::ColumnGenerated { table, column, key }.into()),
             Some(_) => {}
         }
     }
@@ -263,81 +243,60 @@ pub fn judge_table(finding: &Finding, cfg: &Config) -> Result<(), SourceError> {
 /// column, under the table's own name.
 pub fn judge_publication(finding: &Finding, cfg: &Config) -> Result<(), SourceError> {
     let table = table_sql(cfg);
-    let name = quote_ident(&cfg.source.publication);
+    let quoted = quote_ident(&cfg.source.publication);
+    let name = cfg.source.publication.clone();
     let Some(publication) = &finding.publication else {
-        return Err(definite(
-            format!("publication {} does not exist", cfg.source.publication),
-            format!(
-                "run `outbox-relay init`, or CREATE PUBLICATION {name} FOR TABLE {table} \
-                 WITH (publish_via_partition_root = true) as the table owner"
-            ),
-        ));
+        return Err(publication_missing(cfg, false).into());
     };
-    let lost_meanwhile = "inserts committed while it was not covered are not in the replication stream: republish them";
     if !publication.insert {
-        return Err(definite(
-            format!(
-                "publication {} does not publish inserts, so no outbox event reaches the relay",
-                cfg.source.publication
-            ),
-            format!(
-                "ALTER PUBLICATION {name} SET (publish = '{}') (or run `outbox-relay init`); {lost_meanwhile}",
-                publish_with_insert(publication)
-            ),
-        ));
+        return Err(Definite::NoInserts {
+            publication: name,
+            quoted,
+            publish: publish_with_insert(publication),
+        }
+        .into());
     }
     if finding.partitioned
         && !publication.via_root
         && (publication.listed || publication.all_tables || publication.membership.is_some())
     {
         // Listed or not: without the option, inserts arrive under the partitions' names.
-        return Err(definite(
-            format!(
-                "{table} is partitioned and publication {} lacks publish_via_partition_root, so its inserts arrive under the partitions' names",
-                cfg.source.publication
-            ),
-            format!(
-                "ALTER PUBLICATION {name} SET (publish_via_partition_root = true) (or run `outbox-relay init`); {lost_meanwhile}"
-            ),
-        ));
+        return Err(Definite::NotViaRoot {
+            publication: name,
+            quoted,
+            table,
+        }
+        .into());
     }
     if !publication.listed {
-        return Err(definite(
-            format!(
-                "publication {} does not publish the outbox table {table}, so its inserts never reach the relay",
-                cfg.source.publication
-            ),
-            if finding.partitioned && !publication.via_root {
-                format!(
-                    "ALTER PUBLICATION {name} ADD TABLE {table}; ALTER PUBLICATION {name} SET (publish_via_partition_root = true) (or run `outbox-relay init`); {lost_meanwhile}"
-                )
-            } else {
-                format!("ALTER PUBLICATION {name} ADD TABLE {table} (or run `outbox-relay init`); {lost_meanwhile}")
-            },
-        ));
+        return Err(Definite::NotPublished {
+            publication: name,
+            quoted,
+            table,
+            needs_via_root: finding.partitioned && !publication.via_root,
+        }
+        .into());
     }
-    let readd = format!(
-        "BEGIN; ALTER PUBLICATION {name} DROP TABLE {table}; ALTER PUBLICATION {name} ADD TABLE {table}; COMMIT"
-    );
     if let Some(filter) = &publication.row_filter {
-        return Err(definite(
-            format!(
-                "publication {} publishes only the rows of {table} WHERE {filter}; the relay would confirm past the others",
-                cfg.source.publication
-            ),
-            format!("publish the whole table: {readd}"),
-        ));
+        return Err(Definite::RowFilter {
+            publication: name,
+            quoted,
+            table,
+            filter: filter.clone(),
+        }
+        .into());
     }
     if let Some(published) = &publication.published_columns {
         for (key, column) in required_columns(cfg) {
             if !published.iter().any(|p| p == column) {
-                return Err(definite(
-                    format!(
-                        "publication {} leaves column {column:?} (source.columns.{key}) of {table} out of its column list",
-                        cfg.source.publication
-                    ),
-                    format!("publish every column: {readd}"),
-                ));
+                return Err(Definite::ColumnList {
+                    publication: name,
+                    quoted,
+                    table,
+                    column: column.to_owned(),
+                    key,
+                }
+                .into());
             }
         }
     }
@@ -361,18 +320,15 @@ fn publish_with_insert(publication: &Publication) -> String {
 
 /// Compares a verification made while streaming with the one the session started from.
 fn compare(start: &Coverage, now: &Coverage, cfg: &Config) -> Result<(), SourceError> {
-    let table = table_sql(cfg);
     if now.relid != start.relid {
         return Err(recreated(cfg, start.relid, now.relid));
     }
     if start.membership.is_some() && now.membership != start.membership {
-        return Err(definite(
-            format!(
-                "the outbox table {table} was removed from publication {} and added again while the relay ran",
-                cfg.source.publication
-            ),
-            "inserts committed while it was out of the publication are not in the replication stream: republish them, then restart the relay".into(),
-        ));
+        return Err(Definite::Readded {
+            publication: cfg.source.publication.clone(),
+            table: table_sql(cfg),
+        }
+        .into());
     }
     Ok(())
 }
@@ -384,8 +340,8 @@ pub struct Gate {
     /// The session's verification at start.
     start: Coverage,
     verified: AtomicU64,
-    /// The definite problem a verification found: (problem, fix).
-    lost: Mutex<Option<(String, String)>>,
+    /// The definite problem a verification found.
+    lost: Mutex<Option<Definite>>,
     /// Postgres refuses new sessions because it is shutting down. A fast shutdown waits for
     /// the walsender's client to confirm the end of WAL, which cannot be verified any more:
     /// the session must leave the stream instead, and resume from the verified position.
@@ -418,8 +374,8 @@ impl Gate {
     /// lost, or Postgres shutting down.
     pub fn lost(&self) -> Option<SourceError> {
         let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((problem, fix)) = lost.as_ref() {
-            return Some(definite(problem.clone(), fix.clone()));
+        if let Some(definite) = lost.as_ref() {
+            return Some(definite.clone().into());
         }
         self.stopping
             .load(Ordering::Relaxed)
@@ -459,13 +415,13 @@ impl Gate {
         let now = match result {
             Ok(Ok(now)) => Ok(now),
             Ok(Err(e)) if e.is_definite() => Err(e),
-            Ok(Err(e)) if server_stopping(&e) => {
+            Ok(Err(e)) if e.server_stopping() => {
                 tracing::info!("postgres is shutting down: leaving the replication stream");
                 self.stopping.store(true, Ordering::Relaxed);
                 return false;
             }
             Ok(Err(e)) => {
-                tracing::debug!(error = %crate::relay::error_chain(&e), "cannot verify the publication's coverage now");
+                tracing::debug!(error = %error_chain(&e), "cannot verify the publication's coverage now");
                 return true;
             }
             Err(_) => {
@@ -478,30 +434,17 @@ impl Gate {
                 self.verified.fetch_max(now.lsn, Ordering::Relaxed);
                 true
             }
-            Err(SourceError::Definite { problem, fix }) => {
-                let held = Lsn::from_u64(self.verified());
-                let problem = format!(
-                    "{problem}; the slot stays at or before {held}, where coverage was last verified"
-                );
-                *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some((problem, fix));
+            Err(SourceError::Definite(cause)) => {
+                let lost = Definite::CoverageLost {
+                    cause: Box::new(cause),
+                    held: Lsn::from_u64(self.verified()).to_string(),
+                };
+                *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(lost);
                 false
             }
             Err(_) => true,
         }
     }
-}
-
-/// Whether `e` says that Postgres is shutting down (new sessions refused, or ours ended by
-/// the administrator's shutdown).
-fn server_stopping(e: &SourceError) -> bool {
-    let source = match e {
-        SourceError::Postgres { source, .. } => source,
-        SourceError::Pool(deadpool_postgres::PoolError::Backend(source)) => source,
-        _ => return false,
-    };
-    source
-        .code()
-        .is_some_and(|c| *c == SqlState::CANNOT_CONNECT_NOW || *c == SqlState::ADMIN_SHUTDOWN)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::setup::pg;
 use super::SourceError;
 use crate::config::Config;
+use crate::error::{error_chain, Definite};
 
 /// The channel `outbox.notify_relay()` notifies (sql/outbox.sql).
 pub const NOTIFY_CHANNEL: &str = "outbox_relay";
@@ -154,15 +155,16 @@ async fn connect(
     lost: CancellationToken,
     reason: Arc<Mutex<Option<String>>>,
 ) -> Result<(Client, JoinHandle<()>), SourceError> {
-    let definite = |problem: String| SourceError::Definite {
-        problem,
-        fix: "set postgres.url to a valid libpq URL (and valid TLS settings)".into(),
-    };
-    let mut pg_config = cfg.postgres_config().map_err(|e| definite(e.to_string()))?;
+    let mut pg_config = cfg.postgres_config().map_err(|e| Definite::PostgresUrl {
+        problem: e.to_string(),
+    })?;
     pg_config.application_name(APPLICATION_NAME);
-    let tls = cfg.postgres_tls().map_err(|e| definite(e.to_string()))?;
-    let connector =
-        crate::tls::make_tls_connect(&tls).map_err(|e| definite(crate::relay::error_chain(&e)))?;
+    let tls = cfg.postgres_tls().map_err(|e| Definite::PostgresTls {
+        problem: e.to_string(),
+    })?;
+    let connector = crate::tls::make_tls_connect(&tls).map_err(|e| Definite::PostgresTls {
+        problem: error_chain(&e),
+    })?;
     let connecting = async {
         match connector {
             Some(connector) => {
@@ -203,7 +205,7 @@ async fn drive<S, T>(
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                note(&reason, crate::relay::error_chain(&e));
+                note(&reason, error_chain(&e));
                 break;
             }
             None => {
@@ -229,7 +231,7 @@ async fn heartbeat(
         match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.batch_execute("SELECT 1")).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                note(&reason, crate::relay::error_chain(&e));
+                note(&reason, error_chain(&e));
                 break;
             }
             Err(_) => {

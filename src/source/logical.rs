@@ -55,6 +55,7 @@ use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
 use super::{Session, SourceError};
 use crate::config::Config;
+use crate::error::{error_chain, Definite};
 use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
 use crate::sink::kafka::{KafkaSink, Shared};
 
@@ -103,21 +104,13 @@ impl OutboxColumns {
     fn locate(relation: &Relation, cfg: &Config, commit_lsn: &str) -> Result<Self, SourceError> {
         for (key, name) in super::coverage::required_columns(cfg) {
             if relation.column_index(name).is_none() {
-                let table = super::setup::table_sql(cfg);
-                return Err(SourceError::Definite {
-                    problem: format!(
-                        "the replication stream describes {table} without column {name:?} \
-                         (source.columns.{key}) in the transaction committed at {commit_lsn} \
-                         (renamed, dropped, or left out by the publication's column list); \
-                         nothing from there on was published"
-                    ),
-                    fix: format!(
-                        "point source.columns.{key} at the column's new name, or restore the \
-                         column (ALTER TABLE {table} RENAME COLUMN ... TO {}), then restart the \
-                         relay; see README \"Coverage\"",
-                        super::setup::quote_ident(name)
-                    ),
-                });
+                return Err(Definite::ColumnLeftStream {
+                    table: super::setup::table_sql(cfg),
+                    column: name.to_owned(),
+                    key,
+                    commit_lsn: commit_lsn.to_owned(),
+                }
+                .into());
             }
         }
         let cols = &cfg.source.columns;
@@ -149,9 +142,8 @@ struct OpenTransaction {
 
 /// Connection details for the replication protocol, from the libpq-style URL.
 pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError> {
-    let pg = cfg.postgres_config().map_err(|e| SourceError::Definite {
+    let pg = cfg.postgres_config().map_err(|e| Definite::PostgresUrl {
         problem: e.to_string(),
-        fix: "set postgres.url to a valid libpq URL".into(),
     })?;
     single_server(&pg)?;
     let (host, port) = match (pg.get_hosts().first(), pg.get_ports().first()) {
@@ -174,14 +166,8 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
     let tls = cfg
         .postgres_tls()
         .map_err(|e| e.to_string())
-        .and_then(|tls| {
-            crate::tls::replication_tls(&tls, &host).map_err(|e| crate::relay::error_chain(&e))
-        })
-        .map_err(|problem| SourceError::Definite {
-            problem,
-            fix: "fix the TLS settings (sslmode, sslrootcert, sslcert, sslkey) of postgres.url"
-                .into(),
-        })?;
+        .and_then(|tls| crate::tls::replication_tls(&tls, &host).map_err(|e| error_chain(&e)))
+        .map_err(|problem| Definite::PostgresTls { problem })?;
     Ok(ReplicationConfig::new(
         host,
         user,
@@ -216,12 +202,7 @@ pub fn single_server(pg: &tokio_postgres::Config) -> Result<(), SourceError> {
     if servers <= 1 {
         return Ok(());
     }
-    Err(SourceError::Definite {
-        problem: format!(
-            "postgres.url names {servers} servers; logical mode streams from one server and cannot follow the choice among several"
-        ),
-        fix: "point postgres.url at the primary alone (a DNS name or virtual IP that follows failovers), or use source.mode = \"polling\"".into(),
-    })
+    Err(Definite::SeveralServers { servers }.into())
 }
 
 /// One leader session of the logical source: runs until shutdown (Ok) or a fault (Err).
@@ -332,7 +313,7 @@ pub async fn run_session(
                 .drain_for_shutdown(&session.router, Instant::now() + DRAIN_DEADLINE)
                 .await
             {
-                tracing::warn!(error = %crate::relay::error_chain(&error), "cannot drain before halting");
+                tracing::warn!(error = %error_chain(&error), "cannot drain before halting");
             }
             pipeline.confirm_acknowledged(&stream, &shared).await;
             tracing::info!(confirmed = %Lsn::from_u64(pipeline.confirmed), "acknowledged events confirmed before halting");
@@ -1173,7 +1154,8 @@ mod tests {
             let cfg = Config::from_parts(Some(&toml), Vec::new()).expect("a valid config");
             match replication_config(&cfg) {
                 Ok(_) => false,
-                Err(SourceError::Definite { problem, .. }) => {
+                Err(SourceError::Definite(definite)) => {
+                    let problem = definite.problem();
                     assert!(problem.contains("servers"), "{problem}");
                     true
                 }

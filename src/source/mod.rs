@@ -15,8 +15,10 @@ pub mod values;
 use std::sync::Arc;
 
 use pgwire_replication::PgWireError;
+use tokio_postgres::error::SqlState;
 
 use crate::config::Config;
+use crate::error::Definite;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::sink::kafka::SinkError;
@@ -31,12 +33,13 @@ pub struct Session {
     pub state: Arc<RelayState>,
 }
 
-/// Why a session ended. [`SourceError::is_definite`] separates faults the operator must fix
-/// (stop and say how) from transient ones (retry with backoff from the confirmed position).
+/// Why a session ended. What the relay does about it (retry, stand by, halt) is
+/// [`crate::policy`]'s to decide.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("{problem}; to fix: {fix}")]
-    Definite { problem: String, fix: String },
+    /// Only the operator can fix it.
+    #[error(transparent)]
+    Definite(#[from] Definite),
     #[error("replication slot {slot} is in use by another connection")]
     SlotBusy { slot: String },
     /// Polling mode: another relay holds the advisory lock that elects the leader.
@@ -67,69 +70,135 @@ pub enum SourceError {
     ServerStopping,
     #[error("cannot decode a pgoutput message")]
     Decode(#[source] pgoutput::DecodeError),
+    /// A transient Kafka fault (a definite one arrives as [`SourceError::Definite`]).
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Sink(SinkError),
+}
+
+impl From<SinkError> for SourceError {
+    fn from(e: SinkError) -> Self {
+        match e {
+            SinkError::Definite(definite) => Self::Definite(definite),
+            e => Self::Sink(e),
+        }
+    }
 }
 
 impl SourceError {
-    /// True when retrying cannot help: the relay stops and reports the fix.
+    /// True when only the operator can fix it: the session delivers and confirms what
+    /// precedes the cause before it ends.
     pub fn is_definite(&self) -> bool {
-        match self {
-            Self::Sink(e) => e.is_definite(),
-            _ => matches!(self, Self::Definite { .. }),
-        }
+        matches!(self, Self::Definite(_) | Self::Sink(SinkError::Definite(_)))
     }
 
     pub(crate) fn pool(e: deadpool_postgres::PoolError) -> Self {
         Self::Pool(e)
     }
 
+    /// Whether Postgres is shutting down (SQLSTATE 57P03: new sessions refused, or 57P01:
+    /// ours ended by the administrator's shutdown).
+    pub(crate) fn server_stopping(&self) -> bool {
+        let source = match self {
+            Self::Postgres { source, .. } => source,
+            Self::Pool(deadpool_postgres::PoolError::Backend(source)) => source,
+            _ => return false,
+        };
+        source
+            .code()
+            .is_some_and(|c| *c == SqlState::CANNOT_CONNECT_NOW || *c == SqlState::ADMIN_SHUTDOWN)
+    }
+
     /// Classifies an error from the replication connection.
     pub(crate) fn replication(e: PgWireError, slot: &str) -> Self {
         let text = e.to_string();
-        if text.contains("is active for PID") {
-            return Self::SlotBusy {
+        match replication_fault(&e, &text) {
+            ReplicationFault::SlotBusy => Self::SlotBusy {
                 slot: slot.to_owned(),
-            };
+            },
+            ReplicationFault::Login => Definite::ReplicationLogin { error: text }.into(),
+            ReplicationFault::SlotVanished => Definite::SlotVanishedWhileStreaming {
+                slot: slot.to_owned(),
+            }
+            .into(),
+            ReplicationFault::SlotLost => Definite::SlotLost {
+                slot: slot.to_owned(),
+                confirmed: None,
+            }
+            .into(),
+            ReplicationFault::PublicationMissing => {
+                Definite::PublicationMissingInStream { error: text }.into()
+            }
+            ReplicationFault::Privilege => Definite::ReplicationPrivilege { error: text }.into(),
+            ReplicationFault::Transient => Self::Replication(e),
         }
-        if let PgWireError::Auth(_) = e {
-            return Self::Definite {
-                problem: format!("postgres refused the replication login ({text})"),
-                fix: "check the user and password in postgres.url and that pg_hba.conf allows replication connections for it".into(),
-            };
-        }
-        if text.contains("replication slot") && text.contains("does not exist") {
-            return Self::Definite {
-                problem: format!("replication slot {slot} vanished while streaming; events committed since the last confirmed position may be lost if it is recreated"),
-                fix: "see the README section \"A vanished slot\"".into(),
-            };
-        }
-        // The slot was invalidated (`wal_status = lost`), or its WAL went before that was
-        // noticed: decoding from it can never resume.
-        // (PostgreSQL 15 says "cannot read from", later versions "can no longer get changes".)
-        if text.contains("can no longer get changes from replication slot")
-            || text.contains("cannot read from logical replication slot")
-            || (text.contains("requested WAL segment") && text.contains("already been removed"))
-        {
-            return setup::slot_lost(slot, None);
-        }
-        if text.contains("publication") && text.contains("does not exist") {
-            return Self::Definite {
-                problem: format!("the publication is missing ({text})"),
-                fix: "run `outbox-relay init` or create the publication for the outbox table"
-                    .into(),
-            };
-        }
-        if text.contains("permission denied")
-            || text.contains("must be superuser or replication role")
-        {
-            return Self::Definite {
-                problem: format!("the relay's role lacks a privilege ({text})"),
-                fix: "grant REPLICATION to the relay's role (see sql/roles.sql)".into(),
-            };
-        }
-        Self::Replication(e)
     }
+}
+
+/// Classifies a failed statement by its SQLSTATE: a missing privilege (42501) is definite,
+/// anything else transient.
+pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    move |source| {
+        if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            Definite::PermissionDenied {
+                context,
+                message: db_message(&source),
+            }
+            .into()
+        } else {
+            SourceError::Postgres { context, source }
+        }
+    }
+}
+
+/// The server's own message, without the SQLSTATE and position tokio-postgres adds.
+pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |db| db.message().to_owned())
+}
+
+/// What an error of the replication connection means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplicationFault {
+    SlotBusy,
+    Login,
+    SlotVanished,
+    SlotLost,
+    PublicationMissing,
+    Privilege,
+    Transient,
+}
+
+/// The one place that reads the replication connection's error text. pgwire-replication
+/// hands the server's error over as text only ("message (SQLSTATE code)"), and the codes
+/// that matter are shared by unrelated errors (42704 is a missing slot and a missing
+/// publication alike), so the message decides.
+fn replication_fault(e: &PgWireError, text: &str) -> ReplicationFault {
+    if text.contains("is active for PID") {
+        return ReplicationFault::SlotBusy;
+    }
+    if let PgWireError::Auth(_) = e {
+        return ReplicationFault::Login;
+    }
+    if text.contains("replication slot") && text.contains("does not exist") {
+        return ReplicationFault::SlotVanished;
+    }
+    // The slot was invalidated (`wal_status = lost`), or its WAL went before that was
+    // noticed: decoding from it can never resume.
+    // (PostgreSQL 15 says "cannot read from", later versions "can no longer get changes".)
+    if text.contains("can no longer get changes from replication slot")
+        || text.contains("cannot read from logical replication slot")
+        || (text.contains("requested WAL segment") && text.contains("already been removed"))
+    {
+        return ReplicationFault::SlotLost;
+    }
+    if text.contains("publication") && text.contains("does not exist") {
+        return ReplicationFault::PublicationMissing;
+    }
+    if text.contains("permission denied") || text.contains("must be superuser or replication role")
+    {
+        return ReplicationFault::Privilege;
+    }
+    ReplicationFault::Transient
 }
 
 /// With `on_invalid = "halt"`, an invalid event stops the relay before anything past it is
@@ -150,19 +219,71 @@ pub(crate) fn halt_if_invalid(
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default()
     };
-    Err(SourceError::Definite {
-        problem: format!(
-            "event {} is invalid ({reason}: {}); halted because source.on_invalid = \"halt\"",
-            text("id"),
-            text("dlq_error")
-        ),
-        fix: "correct the producer of this event, then set on_invalid = \"dead-letter\" to let it pass to the dead-letter topic".into(),
-    })
+    Err(Definite::InvalidEvent {
+        id: text("id"),
+        reason: reason.to_string(),
+        error: text("dlq_error"),
+    }
+    .into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server(text: &str) -> ReplicationFault {
+        let e = PgWireError::Server(text.into());
+        replication_fault(&e, &e.to_string())
+    }
+
+    #[test]
+    fn each_replication_error_text_has_its_meaning() {
+        use ReplicationFault::*;
+        for (text, fault) in [
+            (
+                "ERROR: replication slot \"s\" is active for PID 4242 (SQLSTATE 55006)",
+                SlotBusy,
+            ),
+            (
+                "ERROR: replication slot \"s\" does not exist (SQLSTATE 42704)",
+                SlotVanished,
+            ),
+            // PostgreSQL 15
+            (
+                "ERROR: cannot read from logical replication slot \"s\" (SQLSTATE 55000)",
+                SlotLost,
+            ),
+            // PostgreSQL 16 and later
+            (
+                "ERROR: can no longer get changes from replication slot \"s\"",
+                SlotLost,
+            ),
+            (
+                "ERROR: requested WAL segment 000000010000000000000003 has already been removed",
+                SlotLost,
+            ),
+            (
+                "ERROR: publication \"p\" does not exist (SQLSTATE 42704)",
+                PublicationMissing,
+            ),
+            (
+                "ERROR: permission denied to start WAL sender (SQLSTATE 42501)",
+                Privilege,
+            ),
+            (
+                "FATAL: must be superuser or replication role to start walsender (SQLSTATE 42501)",
+                Privilege,
+            ),
+            (
+                "FATAL: terminating connection due to administrator command (SQLSTATE 57P01)",
+                Transient,
+            ),
+        ] {
+            assert_eq!(server(text), fault, "{text}");
+        }
+        let auth = PgWireError::Auth("password authentication failed".into());
+        assert_eq!(replication_fault(&auth, &auth.to_string()), Login);
+    }
 
     #[test]
     fn a_slot_whose_wal_is_gone_is_definite() {
@@ -184,5 +305,23 @@ mod tests {
             "s",
         );
         assert!(!transient.is_definite());
+    }
+
+    #[test]
+    fn a_refused_dead_letter_becomes_definite_and_other_sink_errors_stay_transient() {
+        let refused: SourceError = SinkError::Definite(Definite::DeadLetterRefused {
+            topic: "dlq".into(),
+            error: "too large".into(),
+        })
+        .into();
+        assert!(matches!(
+            refused,
+            SourceError::Definite(Definite::DeadLetterRefused { .. })
+        ));
+        let delivery: SourceError = SinkError::Delivery("broker down".into()).into();
+        assert!(matches!(
+            delivery,
+            SourceError::Sink(SinkError::Delivery(_))
+        ));
     }
 }

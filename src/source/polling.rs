@@ -33,6 +33,7 @@ use super::setup::{self, pg, quote_ident, PollingSetup, PollingTable};
 use super::{Session, SourceError};
 use crate::checkpoint::UnitId;
 use crate::config::Config;
+use crate::error::{error_chain, Definite};
 use crate::route::{OutboxEvent, Router};
 use crate::sink::kafka::{KafkaSink, Shared, SinkError};
 
@@ -239,7 +240,7 @@ pub async fn run_session(
         // cause is never sealed, so the cursor stops before it.
         Err(e) if e.is_definite() => {
             if let Err(error) = poller.settle(&leader, &mut sink, &shared, session).await {
-                tracing::warn!(error = %crate::relay::error_chain(&error), "cannot persist the cursor before halting");
+                tracing::warn!(error = %error_chain(&error), "cannot persist the cursor before halting");
             }
             sink.purge();
         }
@@ -270,10 +271,7 @@ async fn load_cursor(client: &tokio_postgres::Client, cfg: &Config) -> Result<Cu
         }
         Ok(_) => {}
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
-            return Err(SourceError::Definite {
-                problem: "the state table outbox.relay_state does not exist".into(),
-                fix: "run `outbox-relay init` (it applies sql/outbox.sql)".into(),
-            })
+            return Err(Definite::StateTableMissing.into())
         }
         Err(e) => return Err(pg("creating the polling cursor")(e)),
     }
@@ -287,17 +285,12 @@ async fn load_cursor(client: &tokio_postgres::Client, cfg: &Config) -> Result<Cu
     let kind: String = row.get(0);
     let position: String = row.get(1);
     if kind != "polling-cursor" {
-        return Err(SourceError::Definite {
-            problem: format!(
-                "outbox.relay_state row {name:?} has kind {kind:?}, not a polling cursor"
-            ),
-            fix: "remove or rename that row (nothing else should use this name)".into(),
-        });
+        return Err(Definite::CursorKind { name, kind }.into());
     }
-    Cursor::parse(&position).ok_or_else(|| SourceError::Definite {
-        problem: format!("the polling cursor {name:?} holds {position:?}, not \"txid/seq\""),
-        fix: format!("correct outbox.relay_state.position for {name:?} (\"0/0\" republishes everything in the outbox)"),
-    })
+    match Cursor::parse(&position) {
+        Some(cursor) => Ok(cursor),
+        None => Err(Definite::CursorUnreadable { name, position }.into()),
+    }
 }
 
 struct Poller<'a> {
@@ -475,18 +468,13 @@ impl Poller<'_> {
         .map_err(|e| {
             if e.is_closed() {
                 // Found before the connection's driver said so: the lock went with it.
-                SourceError::LeaderLost(crate::relay::error_chain(&e))
+                SourceError::LeaderLost(error_chain(&e))
             } else {
                 pg("persisting the polling cursor")(e)
             }
         })?;
         if written != 1 {
-            return Err(SourceError::Definite {
-                problem: format!(
-                    "the polling cursor row {name:?} vanished from outbox.relay_state"
-                ),
-                fix: "do not edit outbox.relay_state while a relay runs; restart the relay".into(),
-            });
+            return Err(Definite::CursorVanished { name }.into());
         }
         self.persisted = self.confirmed;
         let _ = self.cursor_tx.send(self.confirmed);

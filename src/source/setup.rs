@@ -13,8 +13,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::GenericClient;
 
 use super::coverage::{self, Coverage};
-use super::SourceError;
+pub(crate) use super::pg;
+use super::{db_message, SourceError};
 use crate::config::Config;
+pub(crate) use crate::error::quote_ident;
+use crate::error::Definite;
 
 /// The outbox schema, applied by `outbox-relay init`.
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
@@ -30,28 +33,6 @@ pub struct Prepared {
     pub wal_sender_timeout: Duration,
     /// The publication's coverage of the outbox table, verified at start.
     pub coverage: Coverage,
-}
-
-pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    move |source| {
-        if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-            SourceError::Definite {
-                problem: format!("permission denied while {context}: {}", db_message(&source)),
-                fix: "grant the relay's role the privileges in sql/roles.sql (or run `outbox-relay init` as the table owner)".into(),
-            }
-        } else {
-            SourceError::Postgres { context, source }
-        }
-    }
-}
-
-fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |db| db.message().to_owned())
-}
-
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// The outbox table as a quoted SQL name.
@@ -103,10 +84,7 @@ pub async fn check_wal_level(client: &impl GenericClient) -> Result<(), SourceEr
         .map_err(pg("reading wal_level"))?
         .get(0);
     if level != "logical" {
-        return Err(SourceError::Definite {
-            problem: format!("wal_level is {level:?}, logical replication needs \"logical\""),
-            fix: "set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart Postgres, or use source.mode = \"polling\"".into(),
-        });
+        return Err(Definite::WalLevel { level }.into());
     }
     Ok(())
 }
@@ -128,15 +106,7 @@ async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result
         return Ok(());
     }
     if !cfg.source.create {
-        return Err(SourceError::Definite {
-            problem: format!("publication {publication} does not exist and source.create is false"),
-            fix: format!(
-                "run `outbox-relay init`, or CREATE PUBLICATION {} FOR TABLE {} \
-                 WITH (publish_via_partition_root = true) as the table owner",
-                quote_ident(publication),
-                table_sql(cfg)
-            ),
-        });
+        return Err(publication_missing(cfg, true).into());
     }
     // Via the root: inserts into a partitioned outbox's partitions arrive under its name.
     let sql = format!(
@@ -150,10 +120,10 @@ async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result
             Ok(())
         }
         Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
-        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Err(SourceError::Definite {
-            problem: format!("the outbox table {} does not exist", table_sql(cfg)),
-            fix: "run `outbox-relay init` (it applies sql/outbox.sql) or set source.table".into(),
-        }),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Err(Definite::TableMissing {
+            table: table_sql(cfg),
+        }
+        .into()),
         Err(e) => Err(pg("creating the publication")(e)),
     }
 }
@@ -230,25 +200,14 @@ async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, S
     let remembered = remembered_slot(client, slot).await;
     let Some(row) = row else {
         if let Some(position) = remembered {
-            return Err(SourceError::Definite {
-                problem: format!(
-                    "replication slot {slot} was consumed up to {position} and no longer exists \
-                     (dropped by hand, or lost in a failover); recreating it would skip every \
-                     event committed since"
-                ),
-                fix: format!(
-                    "republish what may be missing (outbox rows committed after {position}), then \
-                     DELETE FROM outbox.relay_state WHERE name = '{slot}' so the relay may create a new slot"
-                ),
-            });
+            return Err(Definite::SlotVanished {
+                slot: slot.clone(),
+                position,
+            }
+            .into());
         }
         if !cfg.source.create {
-            return Err(SourceError::Definite {
-                problem: format!(
-                    "replication slot {slot} does not exist and source.create is false"
-                ),
-                fix: "run `outbox-relay init`, or set source.create = true".into(),
-            });
+            return Err(Definite::SlotMissing { slot: slot.clone() }.into());
         }
         return create_slot(client, cfg).await;
     };
@@ -256,23 +215,18 @@ async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, S
     let confirmed: Option<String> = row.get(1);
     let same_database: bool = row.get::<_, Option<bool>>(2).unwrap_or(false);
     if plugin.as_deref() != Some("pgoutput") {
-        return Err(SourceError::Definite {
-            problem: format!(
-                "replication slot {slot} uses plugin {} instead of pgoutput",
-                plugin.as_deref().unwrap_or("(none: a physical slot)")
-            ),
-            fix: "choose another source.slot, or drop that slot if nothing else uses it".into(),
-        });
+        return Err(Definite::SlotPlugin {
+            slot: slot.clone(),
+            plugin,
+        }
+        .into());
     }
     if !same_database {
-        return Err(SourceError::Definite {
-            problem: format!("replication slot {slot} belongs to another database"),
-            fix: "choose another source.slot for this database".into(),
-        });
+        return Err(Definite::SlotOtherDatabase { slot: slot.clone() }.into());
     }
     let wal_status: Option<String> = row.get(3);
     match wal_status.as_deref() {
-        Some("lost") => return Err(slot_lost(slot, confirmed.as_deref())),
+        Some("lost") => return Err(slot_lost(slot, confirmed.as_deref()).into()),
         Some("unreserved") => tracing::warn!(
             slot = %slot,
             "the slot holds more WAL than max_slot_wal_keep_size: it is lost at the next checkpoint unless the relay catches up"
@@ -287,23 +241,21 @@ async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, S
 /// The definite error for a slot whose WAL is gone (`wal_status = lost`, beyond
 /// `max_slot_wal_keep_size`): the server can no longer decode from it, and the events
 /// committed after its confirmed position would be skipped by any new slot.
-pub fn slot_lost(slot: &str, confirmed: Option<&str>) -> SourceError {
-    let after = confirmed.map_or_else(
-        || "its last confirmed position (`outbox-relay status` shows it)".to_owned(),
-        |lsn| lsn.to_owned(),
-    );
-    SourceError::Definite {
-        problem: format!(
-            "replication slot {slot} lost the WAL it still needed (wal_status = lost: it fell \
-             more than max_slot_wal_keep_size behind); events committed after {after} were lost \
-             to the relay and will not be published from this slot"
-        ),
-        fix: format!(
-            "republish what is missing (outbox rows committed after {after}; events written \
-             with outbox.emit are gone), then SELECT pg_drop_replication_slot('{slot}') and \
-             DELETE FROM outbox.relay_state WHERE name = '{slot}' so the relay creates a new \
-             slot; raise max_slot_wal_keep_size so it does not happen again"
-        ),
+pub fn slot_lost(slot: &str, confirmed: Option<&str>) -> Definite {
+    Definite::SlotLost {
+        slot: slot.to_owned(),
+        confirmed: confirmed.map(str::to_owned),
+    }
+}
+
+/// The definite error for a missing publication; `create_disabled` when the relay would
+/// create it but `source.create` is false.
+pub fn publication_missing(cfg: &Config, create_disabled: bool) -> Definite {
+    Definite::PublicationMissing {
+        publication: cfg.source.publication.clone(),
+        quoted: quote_ident(&cfg.source.publication),
+        table: table_sql(cfg),
+        create_disabled,
     }
 }
 
@@ -396,9 +348,11 @@ async fn remember_slot(client: &impl GenericClient, slot: &str, position: u64) {
 pub(crate) fn parse_lsn(text: &str) -> Result<u64, SourceError> {
     pgwire_replication::Lsn::parse(text)
         .map(|l| l.as_u64())
-        .map_err(|_| SourceError::Definite {
-            problem: format!("postgres reported an unreadable LSN {text:?}"),
-            fix: "report this as a bug".into(),
+        .map_err(|_| {
+            Definite::UnreadableLsn {
+                text: text.to_owned(),
+            }
+            .into()
         })
 }
 
@@ -504,10 +458,7 @@ pub async fn prepare_polling(
         .await
         .map_err(pg("reading the outbox table's columns"))?;
     if rows.is_empty() {
-        return Err(SourceError::Definite {
-            problem: format!("the outbox table {table} does not exist"),
-            fix: "run `outbox-relay init` (it applies sql/outbox.sql) or set source.table".into(),
-        });
+        return Err(Definite::TableMissing { table }.into());
     }
     let column_type = |name: &str| -> Option<String> {
         rows.iter()
@@ -530,10 +481,12 @@ pub async fn prepare_polling(
     ] {
         let Some(name) = name else { continue };
         let Some(kind) = column_type(name) else {
-            return Err(SourceError::Definite {
-                problem: format!("the outbox table {table} has no column {name:?} (source.columns.{key})"),
-                fix: format!("set source.columns.{key} to the column's name, or add the column (see sql/outbox.sql)"),
-            });
+            return Err(Definite::ColumnMissing {
+                table,
+                column: name.clone(),
+                key,
+            }
+            .into());
         };
         match key {
             "txid" => txid_type = Some(kind),
@@ -545,13 +498,11 @@ pub async fn prepare_polling(
         Some("xid8") => true,
         Some("bigint") => false,
         other => {
-            return Err(SourceError::Definite {
-                problem: format!(
-                    "the txid column of {table} has type {}; polling needs the writing transaction's id",
-                    other.unwrap_or("(none)")
-                ),
-                fix: "make it xid8 NOT NULL DEFAULT pg_current_xact_id() (or bigint DEFAULT txid_current()), as in sql/outbox.sql".into(),
-            })
+            return Err(Definite::TxidType {
+                table,
+                found: other.unwrap_or("(none)").to_owned(),
+            }
+            .into())
         }
     };
     let txid = quote_ident(cols.txid.as_deref().unwrap_or_default());
@@ -670,10 +621,8 @@ mod slot_tests {
 
     #[test]
     fn a_lost_slot_says_what_was_lost_and_the_way_out() {
-        let SourceError::Definite { problem, fix } = slot_lost("outbox_relay", Some("0/3000060"))
-        else {
-            panic!("definite");
-        };
+        let lost = slot_lost("outbox_relay", Some("0/3000060"));
+        let (problem, fix) = (lost.problem(), lost.fix());
         assert!(problem.contains("wal_status = lost"), "{problem}");
         assert!(problem.contains("after 0/3000060"), "{problem}");
         assert!(
