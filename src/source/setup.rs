@@ -14,7 +14,7 @@ use tokio_postgres::GenericClient;
 
 use super::coverage::{self, Coverage};
 use super::SourceError;
-use crate::config::Config;
+use crate::config::{Column, Config, SourceMode};
 
 /// The outbox schema, applied by `outbox-relay init`.
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
@@ -517,27 +517,17 @@ pub async fn prepare_polling(
     let cols = &cfg.source.columns;
     let mut txid_type = None;
     let mut payload_type = None;
-    for (key, name) in [
-        ("id", Some(&cols.id)),
-        ("aggregate_type", Some(&cols.aggregate_type)),
-        ("aggregate_id", Some(&cols.aggregate_id)),
-        ("event_type", Some(&cols.event_type)),
-        ("payload", Some(&cols.payload)),
-        ("headers", cols.headers.as_ref()),
-        ("created_at", cols.created_at.as_ref()),
-        ("seq", cols.seq.as_ref()),
-        ("txid", cols.txid.as_ref()),
-    ] {
-        let Some(name) = name else { continue };
+    for (spec, name) in cols.configured(SourceMode::Polling) {
+        let key = spec.key;
         let Some(kind) = column_type(name) else {
             return Err(SourceError::Definite {
                 problem: format!("the outbox table {table} has no column {name:?} (source.columns.{key})"),
                 fix: format!("set source.columns.{key} to the column's name, or add the column (see sql/outbox.sql)"),
             });
         };
-        match key {
-            "txid" => txid_type = Some(kind),
-            "payload" => payload_type = Some(kind),
+        match spec.column {
+            Column::Txid => txid_type = Some(kind),
+            Column::Payload => payload_type = Some(kind),
             _ => {}
         }
     }
