@@ -16,7 +16,10 @@ use toml::{Table, Value};
 
 use super::de::parse_duration;
 use super::error::invalid;
-use super::{Config, ConfigError, MAX_BATCH_SIZE, OUTBOX_COLUMNS};
+use super::{
+    Config, ConfigError, HttpConfig, KafkaConfig, LogConfig, PostgresConfig, SourceConfig,
+    OUTBOX_COLUMNS,
+};
 
 /// Prefix of every environment variable the relay reads.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
@@ -88,7 +91,7 @@ impl Config {
 }
 
 /// The type of a config key, as far as the file check and the environment need to know it.
-enum Kind {
+pub(super) enum Kind {
     Str,
     Bool,
     Int { min: i64, max: i64 },
@@ -99,56 +102,14 @@ enum Kind {
     Properties,
 }
 
-/// The config's keys, section by section; [`Config`] and its parts are the same shape.
+/// The config's keys, section by section, as each section declares them: [`Config`] is the
+/// same shape.
 const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
-    ("postgres", &[("url", Kind::Str)]),
-    (
-        "source",
-        &[
-            ("mode", Kind::Choice(&["logical", "polling"])),
-            ("table", Kind::Str),
-            ("slot", Kind::Str),
-            ("publication", Kind::Str),
-            ("create", Kind::Bool),
-            ("message_prefix", Kind::Str),
-            ("poll_interval", Kind::Duration),
-            (
-                "batch_size",
-                Kind::Int {
-                    min: 1,
-                    max: MAX_BATCH_SIZE as i64,
-                },
-            ),
-            ("on_invalid", Kind::Choice(&["dead-letter", "halt"])),
-            ("retention", Kind::Duration),
-            ("columns", Kind::Columns),
-        ],
-    ),
-    (
-        "kafka",
-        &[
-            ("brokers", Kind::Str),
-            ("topic", Kind::Str),
-            ("dead_letter_topic", Kind::Str),
-            ("create_topics", Kind::Bool),
-            (
-                "topic_partitions",
-                Kind::Int {
-                    min: 1,
-                    max: i32::MAX as i64,
-                },
-            ),
-            ("properties", Kind::Properties),
-        ],
-    ),
-    ("http", &[("listen", Kind::Addr)]),
-    (
-        "log",
-        &[
-            ("format", Kind::Choice(&["text", "json"])),
-            ("level", Kind::Str),
-        ],
-    ),
+    (PostgresConfig::SECTION, PostgresConfig::KEYS),
+    (SourceConfig::SECTION, SourceConfig::KEYS),
+    (KafkaConfig::SECTION, KafkaConfig::KEYS),
+    (HttpConfig::SECTION, HttpConfig::KEYS),
+    (LogConfig::SECTION, LogConfig::KEYS),
 ];
 
 /// The `[source.columns]` keys, from the one list of columns.
@@ -421,6 +382,18 @@ mod tests {
     use super::super::testing::{load, load_err};
     use super::super::*;
     use super::*;
+
+    #[test]
+    fn every_schema_section_is_a_config_section() {
+        // The keys within a section come from the same declaration as its fields; the
+        // sections are listed twice ([`Config`] and [`SCHEMA`]), so they are held together here.
+        for (section, _) in SCHEMA {
+            let text = format!("[{section}]\n");
+            assert!(toml::from_str::<Config>(&text).is_ok(), "{section}");
+        }
+        let sections: std::collections::BTreeSet<_> = SCHEMA.iter().map(|(s, _)| *s).collect();
+        assert_eq!(sections.len(), 5);
+    }
 
     #[test]
     fn kubernetes_service_links_are_not_config() {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::de::{deserialize_duration, deserialize_optional_duration, deserialize_properties};
 use super::error::invalid;
+use super::load::Kind;
 use super::postgres::redact_connection_string;
 use super::{Columns, ConfigError};
 use crate::route::TopicTemplate;
@@ -59,6 +60,46 @@ pub const DEFAULT_HTTP_LISTEN: SocketAddr =
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// Lifecycle events and errors without per-event noise.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Declares a config section once: the struct with its fields (serde reads it, rejecting
+/// unknown keys), its `Default` from each field's default, and `KEYS`, each key's [`Kind`],
+/// from which the loader derives the file check and the environment overrides.
+macro_rules! section {
+    (
+        $(#[$meta:meta])*
+        $name:ident in $section:literal {
+            $(
+                $(#[$field_meta:meta])*
+                $field:ident: $ty:ty = $default:expr, $kind:expr;
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $(
+                $(#[$field_meta])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    $($field: $default,)*
+                }
+            }
+        }
+
+        impl $name {
+            /// The section's name in the file.
+            pub(super) const SECTION: &'static str = $section;
+            /// The section's keys and their types.
+            pub(super) const KEYS: &'static [(&'static str, Kind)] =
+                &[$((stringify!($field), $kind),)*];
+        }
+    };
+}
 
 /// A full, commented config file with every default spelled out (the SPEC §5 block). The one
 /// difference from [`Config::default`] is `"compression.type" = "lz4"`, which the producer uses
@@ -153,19 +194,12 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[postgres]`
-#[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PostgresConfig {
-    /// A `postgres://` URL or a libpq `key=value` string; usually carries the password.
-    pub url: Secret,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        PostgresConfig {
-            url: Secret::new(DEFAULT_POSTGRES_URL),
-        }
+section! {
+    /// `[postgres]`
+    #[derive(Clone, PartialEq, Deserialize)]
+    PostgresConfig in "postgres" {
+        /// A `postgres://` URL or a libpq `key=value` string; usually carries the password.
+        url: Secret = Secret::new(DEFAULT_POSTGRES_URL), Kind::Str;
     }
 }
 
@@ -206,53 +240,39 @@ pub enum OnInvalid {
     Halt,
 }
 
-/// `[source]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SourceConfig {
-    /// Logical replication or polling.
-    pub mode: SourceMode,
-    /// The outbox table as `"schema.name"`; see [`SourceConfig::table_parts`].
-    pub table: String,
-    /// Replication slot name (logical mode).
-    pub slot: String,
-    /// Publication name (logical mode).
-    pub publication: String,
-    /// Create the publication and slot if they are missing (first start only; a slot that
-    /// vanished later is never recreated silently).
-    pub create: bool,
-    /// `pg_logical_emit_message` prefix to relay (logical mode).
-    pub message_prefix: String,
-    /// Upper bound between polls (polling mode).
-    #[serde(deserialize_with = "deserialize_duration")]
-    pub poll_interval: Duration,
-    /// Most events read or published as one batch.
-    pub batch_size: usize,
-    /// Dead-letter or halt on a bad row.
-    pub on_invalid: OnInvalid,
-    /// Polling mode: delete published rows older than this (by `created_at`), in small
-    /// batches. `None` (the default) deletes nothing.
-    #[serde(deserialize_with = "deserialize_optional_duration")]
-    pub retention: Option<Duration>,
-    /// `[source.columns]`: column names of the outbox table.
-    pub columns: Columns,
-}
-
-impl Default for SourceConfig {
-    fn default() -> Self {
-        SourceConfig {
-            mode: DEFAULT_SOURCE_MODE,
-            table: DEFAULT_TABLE.to_owned(),
-            slot: DEFAULT_SLOT.to_owned(),
-            publication: DEFAULT_PUBLICATION.to_owned(),
-            create: DEFAULT_CREATE,
-            message_prefix: DEFAULT_MESSAGE_PREFIX.to_owned(),
-            poll_interval: DEFAULT_POLL_INTERVAL,
-            batch_size: DEFAULT_BATCH_SIZE,
-            on_invalid: DEFAULT_ON_INVALID,
-            retention: None,
-            columns: Columns::default(),
-        }
+section! {
+    /// `[source]`
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    SourceConfig in "source" {
+        /// Logical replication or polling.
+        mode: SourceMode = DEFAULT_SOURCE_MODE, Kind::Choice(&["logical", "polling"]);
+        /// The outbox table as `"schema.name"`; see [`SourceConfig::table_parts`].
+        table: String = DEFAULT_TABLE.to_owned(), Kind::Str;
+        /// Replication slot name (logical mode).
+        slot: String = DEFAULT_SLOT.to_owned(), Kind::Str;
+        /// Publication name (logical mode).
+        publication: String = DEFAULT_PUBLICATION.to_owned(), Kind::Str;
+        /// Create the publication and slot if they are missing (first start only; a slot that
+        /// vanished later is never recreated silently).
+        create: bool = DEFAULT_CREATE, Kind::Bool;
+        /// `pg_logical_emit_message` prefix to relay (logical mode).
+        message_prefix: String = DEFAULT_MESSAGE_PREFIX.to_owned(), Kind::Str;
+        /// Upper bound between polls (polling mode).
+        #[serde(deserialize_with = "deserialize_duration")]
+        poll_interval: Duration = DEFAULT_POLL_INTERVAL, Kind::Duration;
+        /// Most events read or published as one batch.
+        batch_size: usize = DEFAULT_BATCH_SIZE, Kind::Int {
+            min: 1,
+            max: MAX_BATCH_SIZE as i64,
+        };
+        /// Dead-letter or halt on a bad row.
+        on_invalid: OnInvalid = DEFAULT_ON_INVALID, Kind::Choice(&["dead-letter", "halt"]);
+        /// Polling mode: delete published rows older than this (by `created_at`), in small
+        /// batches. `None` (the default) deletes nothing.
+        #[serde(deserialize_with = "deserialize_optional_duration")]
+        retention: Option<Duration> = None, Kind::Duration;
+        /// `[source.columns]`: column names of the outbox table.
+        columns: Columns = Columns::default(), Kind::Columns;
     }
 }
 
@@ -266,38 +286,29 @@ impl SourceConfig {
     }
 }
 
-/// `[kafka]`
-#[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    /// `bootstrap.servers`.
-    pub brokers: String,
-    /// Topic template; placeholders `{aggregate_type}` and `{event_type}`.
-    pub topic: String,
-    /// Where bad rows go (SPEC §7).
-    pub dead_letter_topic: String,
-    /// Create missing topics through the admin API.
-    pub create_topics: bool,
-    /// Partitions of the topics the relay creates.
-    pub topic_partitions: i32,
-    /// `[kafka.properties]`: librdkafka settings, passed verbatim. Values may be written as TOML
-    /// strings, numbers or booleans and are kept in their string form; dotted keys may be quoted
-    /// (`"compression.type" = "lz4"`) or bare (`compression.type = "lz4"`).
-    #[serde(deserialize_with = "deserialize_properties")]
-    pub properties: BTreeMap<String, String>,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: DEFAULT_BROKERS.to_owned(),
-            topic: DEFAULT_TOPIC.to_owned(),
-            dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
-            create_topics: DEFAULT_CREATE_TOPICS,
-            topic_partitions: DEFAULT_TOPIC_PARTITIONS,
-            // Empty: the producer's own defaults (idempotence, acks=all, lz4) live in the sink.
-            properties: BTreeMap::new(),
-        }
+section! {
+    /// `[kafka]`
+    #[derive(Clone, PartialEq, Deserialize)]
+    KafkaConfig in "kafka" {
+        /// `bootstrap.servers`.
+        brokers: String = DEFAULT_BROKERS.to_owned(), Kind::Str;
+        /// Topic template; placeholders `{aggregate_type}` and `{event_type}`.
+        topic: String = DEFAULT_TOPIC.to_owned(), Kind::Str;
+        /// Where bad rows go (SPEC §7).
+        dead_letter_topic: String = DEFAULT_DEAD_LETTER_TOPIC.to_owned(), Kind::Str;
+        /// Create missing topics through the admin API.
+        create_topics: bool = DEFAULT_CREATE_TOPICS, Kind::Bool;
+        /// Partitions of the topics the relay creates.
+        topic_partitions: i32 = DEFAULT_TOPIC_PARTITIONS, Kind::Int {
+            min: 1,
+            max: i32::MAX as i64,
+        };
+        /// `[kafka.properties]`: librdkafka settings, passed verbatim. Values may be written as
+        /// TOML strings, numbers or booleans and are kept in their string form; dotted keys may
+        /// be quoted (`"compression.type" = "lz4"`) or bare (`compression.type = "lz4"`). Empty
+        /// by default: the producer's own defaults (idempotence, acks=all, lz4) live in the sink.
+        #[serde(deserialize_with = "deserialize_properties")]
+        properties: BTreeMap<String, String> = BTreeMap::new(), Kind::Properties;
     }
 }
 
@@ -349,19 +360,12 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
-/// `[http]`
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Address of `/healthz`, `/readyz`, `/status` and `/metrics`.
-    pub listen: SocketAddr,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: DEFAULT_HTTP_LISTEN,
-        }
+section! {
+    /// `[http]`
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    HttpConfig in "http" {
+        /// Address of `/healthz`, `/readyz`, `/status` and `/metrics`.
+        listen: SocketAddr = DEFAULT_HTTP_LISTEN, Kind::Addr;
     }
 }
 
@@ -376,22 +380,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[log]`
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// Text or JSON.
-    pub format: LogFormat,
-    /// A tracing level (`info`) or env-filter directives (`info,outbox_relay=debug`).
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: DEFAULT_LOG_FORMAT,
-            level: DEFAULT_LOG_LEVEL.to_owned(),
-        }
+section! {
+    /// `[log]`
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    LogConfig in "log" {
+        /// Text or JSON.
+        format: LogFormat = DEFAULT_LOG_FORMAT, Kind::Choice(&["text", "json"]);
+        /// A tracing level (`info`) or env-filter directives (`info,outbox_relay=debug`).
+        level: String = DEFAULT_LOG_LEVEL.to_owned(), Kind::Str;
     }
 }
 
