@@ -22,8 +22,8 @@
 //! - `postgres.rs`: `postgres.url`, its libpq TLS parameters and its redaction;
 //! - `error.rs`: [`ConfigError`].
 //!
-//! Config reads no certificate file: [`crate::tls::check_files`] does that, called by the
-//! caller after loading.
+//! Config reads no certificate file and does not depend on the `tls` module: its
+//! `check_files` reads them, and the caller runs it after loading.
 
 mod columns;
 mod de;

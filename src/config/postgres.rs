@@ -1,13 +1,13 @@
 //! `postgres.url`: parsed into tokio_postgres settings and the libpq TLS parameters the relay
 //! reads itself (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), and redacted for logs. Nothing
-//! here reads a file: [`crate::tls`] turns [`PostgresTls`] into connectors.
+//! here reads a file: the `tls` module turns [`PostgresTls`] into connectors.
 
 use std::path::PathBuf;
 
 use super::error::invalid;
 use super::{Config, ConfigError};
 
-/// libpq's `sslmode`, applied to both Postgres connections (see [`crate::tls`]).
+/// libpq's `sslmode`, applied to both Postgres connections (the `tls` module builds the connectors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SslMode {
     /// `disable`: plain TCP only.

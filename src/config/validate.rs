@@ -13,7 +13,7 @@ impl Config {
     /// Checks every constraint the types cannot express; the error names the field and the
     /// constraint. Returns the first problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        // The files the TLS settings name are read by `crate::tls::check_files`, which the
+        // The files the TLS settings name are read by the `tls` module's `check_files`, which the
         // caller runs after loading.
         parse_postgres_url(self.postgres.url.expose())?;
         self.validate_source()?;
