@@ -2,10 +2,10 @@
 //!
 //! The TOML text is parsed into a generic table, checked against [`SCHEMA`] (which gives
 //! precise errors and tells the environment overrides each key's type), merged with the
-//! environment, and only then deserialised into [`Config`] and validated. [`SCHEMA`] is the one
-//! list of keys: the unknown-key check of the file, the environment variable names and their
-//! types all come from it (the columns from [`OUTBOX_COLUMNS`]), and a test holds it to
-//! [`Config`]'s shape and to [`super::EXAMPLE`].
+//! environment, and only then deserialised into [`Config`] and validated. [`SCHEMA`] collects
+//! the keys each section declares (with its fields, in `types.rs`): the unknown-key check of
+//! the file, the environment variable names and their types all come from it (the columns from
+//! [`OUTBOX_COLUMNS`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
