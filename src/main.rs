@@ -105,7 +105,9 @@ fn main() -> ExitCode {
 }
 
 fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
-    Ok(Config::load(arg.config.as_deref())?)
+    let config = Config::load(arg.config.as_deref())?;
+    outbox_relay::tls::check_files(&config.postgres_tls()?)?;
+    Ok(config)
 }
 
 async fn run(arg: ConfigArg) -> anyhow::Result<ExitCode> {

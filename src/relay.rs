@@ -17,7 +17,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceMode};
-pub use crate::error::error_chain;
+use crate::error::error_chain;
 use crate::metrics::Metrics;
 use crate::policy::{self, Directive};
 use crate::route::Router;
@@ -47,6 +47,10 @@ pub enum RunError {
     },
     #[error("invalid postgres.url")]
     PostgresUrl(#[source] crate::config::ConfigError),
+    #[error("invalid postgres.url")]
+    PostgresTls(#[source] crate::tls::UnusableSettings),
+    #[error("invalid config")]
+    Config(#[source] crate::config::ConfigError),
     #[error("cannot build the postgres pool: {0}")]
     Pool(String),
     #[error(transparent)]
@@ -65,7 +69,7 @@ pub fn pool(cfg: &Config) -> Result<Pool, RunError> {
     let manager = match crate::tls::make_tls_connect(&tls) {
         Ok(Some(connector)) => Manager::from_config(pg, connector, manager_config),
         Ok(None) => Manager::from_config(pg, NoTls, manager_config),
-        Err(e) => return Err(RunError::PostgresUrl(crate::config::ConfigError::Tls(e))),
+        Err(e) => return Err(RunError::PostgresTls(crate::tls::UnusableSettings(e))),
     };
     Pool::builder(manager)
         .max_size(POOL_SIZE)
@@ -117,8 +121,9 @@ pub async fn run_with(
     let monitor_state = Arc::clone(&state);
     tokio::spawn(async move { monitor_state.monitor.run(monitor_task).await });
 
+    let template = config.kafka.topic_template().map_err(RunError::Config)?;
     let router = Router::new(
-        &config.kafka.topic,
+        &template,
         &config.kafka.dead_letter_topic,
         kafka::max_message_bytes(&config.kafka),
     )

@@ -192,6 +192,18 @@ fn load_roots(tls: &PostgresTls, file: &Path) -> Result<RootCertStore, TlsError>
     Ok(roots)
 }
 
+/// The TLS settings of `postgres.url` name a file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("postgres.url has TLS settings that cannot be used")]
+pub struct UnusableSettings(#[source] pub TlsError);
+
+/// Reads the CA and client certificate files the TLS settings name, so a wrong path fails at
+/// startup and not on the first connection. Loading the config reads no file: its caller
+/// calls this next.
+pub fn check_files(tls: &PostgresTls) -> Result<(), UnusableSettings> {
+    make_tls_connect(tls).map(|_| ()).map_err(UnusableSettings)
+}
+
 /// A connector for tokio-postgres (and so the deadpool pool), or `None` when `sslmode=disable`
 /// (use `NoTls`). Reads every file it needs now, so a bad setting fails here and not on the
 /// first connection.
@@ -620,6 +632,43 @@ mod tests {
     }
 
     #[test]
+    fn loading_then_checking_reads_the_tls_files() {
+        let load = |url: &str| {
+            let text = format!("[postgres]\nurl = {url:?}\n");
+            let config = crate::config::Config::from_parts(Some(&text), Vec::new()).unwrap();
+            check_files(&config.postgres_tls().unwrap())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = load(&format!(
+            "postgres://relay@db/app?sslmode=verify-full&sslrootcert={}",
+            missing.display()
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, UnusableSettings(TlsError::Read { .. })),
+            "{err:?}"
+        );
+        let chain = crate::error::error_chain(&err);
+        assert!(chain.contains("cannot read sslrootcert"), "{chain}");
+        assert!(chain.contains(&missing.display().to_string()), "{chain}");
+
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let chain = crate::error::error_chain(
+            &load(&format!(
+                "host=db user=u sslmode=verify-ca sslrootcert={}",
+                garbage.display()
+            ))
+            .unwrap_err(),
+        );
+        assert!(chain.contains("holds no usable PEM"), "{chain}");
+
+        // Without verification no file is needed.
+        assert!(load("postgres://relay@db/app?sslmode=require").is_ok());
+    }
+
+    #[test]
     fn handshake_failures_name_the_check_that_failed() {
         let context = HandshakeContext {
             mode: SslMode::VerifyFull,
@@ -639,7 +688,7 @@ mod tests {
         );
         let err = context.explain("db", rejected(CertificateError::Expired));
         assert_eq!(
-            crate::relay::error_chain(&err),
+            crate::error::error_chain(&err),
             "the server's certificate could not be verified against the CA in sslrootcert \
              (/ca.pem) (sslmode=verify-full): invalid peer certificate: Expired"
         );

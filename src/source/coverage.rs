@@ -27,7 +27,7 @@ use tokio_postgres::GenericClient;
 
 use super::setup::{parse_lsn, pg, publication_missing, quote_ident, table_sql};
 use super::SourceError;
-use crate::config::Config;
+use crate::config::{Config, SourceMode};
 use crate::error::{error_chain, Definite};
 
 /// How often a streaming session verifies coverage again: confirmed positions trail the
@@ -88,19 +88,11 @@ pub struct Coverage {
 /// The optional ones count when configured: a column the mapping names but the stream lacks
 /// would silently publish no headers, or the wrong timestamp.
 pub fn required_columns(cfg: &Config) -> Vec<(&'static str, &str)> {
-    let cols = &cfg.source.columns;
-    [
-        ("id", Some(cols.id.as_str())),
-        ("aggregate_type", Some(cols.aggregate_type.as_str())),
-        ("aggregate_id", Some(cols.aggregate_id.as_str())),
-        ("event_type", Some(cols.event_type.as_str())),
-        ("payload", Some(cols.payload.as_str())),
-        ("headers", cols.headers.as_deref()),
-        ("created_at", cols.created_at.as_deref()),
-    ]
-    .into_iter()
-    .filter_map(|(key, name)| name.map(|n| (key, n)))
-    .collect()
+    cfg.source
+        .columns
+        .configured(SourceMode::Logical)
+        .map(|(spec, name)| (spec.key, name))
+        .collect()
 }
 
 /// Reads the WAL position, then (in a later snapshot) the catalog.

@@ -54,7 +54,7 @@ use super::coverage::Gate;
 use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
 use super::{Session, SourceError};
-use crate::config::Config;
+use crate::config::{Column, Config};
 use crate::error::{error_chain, Definite};
 use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
 use crate::sink::kafka::{KafkaSink, Shared};
@@ -113,20 +113,22 @@ impl OutboxColumns {
                 .into());
             }
         }
-        let cols = &cfg.source.columns;
-        let find = |name: &str| relation.column_index(name);
-        let payload = find(&cols.payload);
+        let find = |column: Column| {
+            let name = cfg.source.columns.name(column)?;
+            relation.column_index(name)
+        };
+        let payload = find(Column::Payload);
         Ok(Self {
-            id: find(&cols.id),
-            aggregate_type: find(&cols.aggregate_type),
-            aggregate_id: find(&cols.aggregate_id),
-            event_type: find(&cols.event_type),
+            id: find(Column::Id),
+            aggregate_type: find(Column::AggregateType),
+            aggregate_id: find(Column::AggregateId),
+            event_type: find(Column::EventType),
             payload,
             payload_is_bytea: payload
                 .and_then(|i| relation.columns.get(i))
                 .is_some_and(|c| c.type_oid == TYPE_BYTEA),
-            headers: cols.headers.as_deref().and_then(find),
-            created_at: cols.created_at.as_deref().and_then(find),
+            headers: find(Column::Headers),
+            created_at: find(Column::CreatedAt),
         })
     }
 }

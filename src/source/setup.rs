@@ -15,7 +15,7 @@ use tokio_postgres::GenericClient;
 use super::coverage::{self, Coverage};
 pub(crate) use super::pg;
 use super::{db_message, SourceError};
-use crate::config::Config;
+use crate::config::{Column, Config, SourceMode};
 pub(crate) use crate::error::quote_ident;
 use crate::error::Definite;
 
@@ -468,29 +468,19 @@ pub async fn prepare_polling(
     let cols = &cfg.source.columns;
     let mut txid_type = None;
     let mut payload_type = None;
-    for (key, name) in [
-        ("id", Some(&cols.id)),
-        ("aggregate_type", Some(&cols.aggregate_type)),
-        ("aggregate_id", Some(&cols.aggregate_id)),
-        ("event_type", Some(&cols.event_type)),
-        ("payload", Some(&cols.payload)),
-        ("headers", cols.headers.as_ref()),
-        ("created_at", cols.created_at.as_ref()),
-        ("seq", cols.seq.as_ref()),
-        ("txid", cols.txid.as_ref()),
-    ] {
-        let Some(name) = name else { continue };
+    for (spec, name) in cols.configured(SourceMode::Polling) {
+        let key = spec.key;
         let Some(kind) = column_type(name) else {
             return Err(Definite::ColumnMissing {
                 table,
-                column: name.clone(),
+                column: name.to_owned(),
                 key,
             }
             .into());
         };
-        match key {
-            "txid" => txid_type = Some(kind),
-            "payload" => payload_type = Some(kind),
+        match spec.column {
+            Column::Txid => txid_type = Some(kind),
+            Column::Payload => payload_type = Some(kind),
             _ => {}
         }
     }
