@@ -50,7 +50,7 @@ use outbox_relay::sink::kafka::client_config;
 use outbox_relay::source::logical::replication_config;
 use outbox_relay::source::pgoutput::{self, Message};
 use outbox_relay::source::setup::OUTBOX_SQL;
-use outbox_relay::throwaway::{free_port, PostgresOptions, ThrowawayPostgres};
+use outbox_relay::demo::postgres::{free_port, PostgresOptions, ThrowawayPostgres};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
