@@ -19,9 +19,8 @@
 //! errors: a harness failure is a test failure. The few the benchmark needs to fail softly have
 //! a `try_` variant.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::ClientConfig;
 
