@@ -18,5 +18,4 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod status;
-pub mod throwaway;
 pub mod tls;

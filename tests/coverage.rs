@@ -2,12 +2,10 @@
 //! table, with every configured column, or the relay stops with the fix before it confirms
 //! anything it could not see. Real Postgres, the relay binary, the tansu broker.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use testkit::*;
 
 /// The outbox schema, for recreating the table.
 const OUTBOX_SQL: &str = include_str!("../sql/outbox.sql");

@@ -12,8 +12,6 @@
 //! and PyPI's `helm-sdkpy` and `kubernetes-validate`, driven by `scripts/*.py`. A missing tool
 //! fails the test with the command that installs it: nothing is skipped.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,9 +19,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
 use outbox_relay::config::Config;
 use serde_json::Value;
+use testkit::*;
 
 /// The Kubernetes version the manifests are validated for (kubernetes-validate has 1.25+).
 const KUBERNETES_VERSION: &str = "1.30.0";

@@ -2,12 +2,10 @@
 //! slot, secrets. Real Postgres, the relay binary, and tansu (behind a cuttable proxy where the
 //! network matters).
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 #[test]
 fn each_bad_input_is_dead_lettered_and_the_stream_goes_on() {

@@ -4,15 +4,13 @@
 //! walsender busy decoding an unrelated transaction is not taken for a dead one, and catalog
 //! values that may be NULL never crash a relay.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 /// Creates the relay role of `sql/roles.sql` and runs `init` as the owner (the publication
 /// needs ownership of the outbox); returns the relay role's URL.
@@ -233,7 +231,7 @@ fn a_standby_that_cannot_see_the_leaders_session_waits_and_takes_over() {
 }
 
 /// A proxy to Postgres whose open connections can be made black holes: they swallow
-/// everything both ways and never pass a close on (unlike `common::Proxy`, which passes the
+/// everything both ways and never pass a close on (unlike `testkit::Proxy`, which passes the
 /// server's close to the relay). Only the relay's own silence detection finds such a stream.
 struct BlackHoleProxy {
     port: u16,

@@ -1,15 +1,13 @@
-//! Smoke tests of the integration-test harness itself (`tests/common`) and of the SQL files:
+//! Smoke tests of the integration-test harness itself (`testkit/`) and of the SQL files:
 //! if these fail, every other integration test would fail for reasons unrelated to the relay.
-
-mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use testkit::*;
 
 const SQL_FILES: [&str; 3] = ["sql/outbox.sql", "sql/inbox.sql", "sql/roles.sql"];
 

@@ -3,8 +3,6 @@
 //! the producer queue is full. Real Postgres and the relay binary; librdkafka's mock cluster
 //! where produce requests must fail on cue, tansu behind a cuttable proxy for outages.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -12,7 +10,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
-use common::*;
+use testkit::*;
 
 const EVENTS: &str = "outbox.event.order";
 const DEAD_LETTERS: &str = "outbox.dead-letter";

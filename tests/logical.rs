@@ -3,12 +3,10 @@
 //! Each test starts its own Postgres cluster and broker on free ports, so tests run in
 //! parallel without sharing state. Waits are "until a condition or a generous deadline".
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use testkit::*;
 
 #[test]
 fn relays_ten_thousand_events_with_the_spec_record_shape() {

@@ -2,12 +2,10 @@
 //! the restart after fixing it, config the relay refuses, failover reporting in `check`, and
 //! `/healthz`. Real Postgres, the relay binary, and tansu.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use testkit::*;
 
 const POLLING: (&str, &str) = ("OUTBOX_RELAY_SOURCE_MODE", "polling");
 const HALT: (&str, &str) = ("OUTBOX_RELAY_SOURCE_ON_INVALID", "halt");

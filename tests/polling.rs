@@ -4,12 +4,10 @@
 //! The relay runs the standard test config with `OUTBOX_RELAY_SOURCE_MODE=polling`. Each test
 //! has its own Postgres and broker; waits are "until a condition or a deadline".
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 
 const POLLING: (&str, &str) = ("OUTBOX_RELAY_SOURCE_MODE", "polling");
 

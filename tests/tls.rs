@@ -2,15 +2,12 @@
 //! and a `pg_hba.conf` that admits TCP only over TLS, and the relay connects with `verify-full`
 //! (both its connections), or fails clearly with the wrong CA or the wrong host name.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::*;
-use outbox_relay::throwaway::server_os_user;
+use testkit::*;
 
 /// TCP only over TLS: a plain connection finds no matching line and is refused.
 const HBA_TLS_ONLY: &str = "\

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use super::*;
+use crate::*;
 
 /// A test's world: its own Postgres (schema applied) and broker.
 pub struct World {
@@ -15,6 +15,8 @@ pub struct World {
 }
 
 impl World {
+    /// Starts a Postgres with the schema and a broker (no `Default`: this starts processes).
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         let pg = Self::postgres();
         let kafka = Tansu::start();

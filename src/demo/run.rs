@@ -14,9 +14,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::postgres::ThrowawayPostgres;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::throwaway::ThrowawayPostgres;
 
 /// Aggregates the sample writer spreads its orders over.
 const ORDERS: u64 = 20;

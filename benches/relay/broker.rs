@@ -1,0 +1,146 @@
+//! The broker ceiling (measurement 2): a plain rdkafka producer with the relay's producer
+//! settings (`sink::kafka::client_config`) sending records of the relay's shape, until every
+//! delivery report is in; and the fresh broker every Kafka measurement gets.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use outbox_relay::config::KafkaConfig;
+use outbox_relay::sink::kafka::client_config;
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::util::Timeout;
+use testkit::Tansu;
+
+use crate::procfs::{own_cpu_secs, unix_ms};
+use crate::report::Rate;
+use crate::{event_fields, PARTITIONS, TOPIC};
+
+/// A fresh `tansu` broker (in-memory storage) with the bench topic; killed on drop.
+pub fn start_tansu() -> Result<Tansu> {
+    let tansu = Tansu::try_start().map_err(|e| anyhow!(e))?;
+    tansu
+        .try_create_topic(TOPIC, PARTITIONS)
+        .map_err(|e| anyhow!(e))?;
+    Ok(tansu)
+}
+
+/// Counts delivery reports.
+pub struct CountingContext {
+    pub acked: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for CountingContext {}
+
+impl ProducerContext for CountingContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.acked.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// `n` records shaped like the relay's (key, the same ~110-byte JSON value, 5 headers, a
+/// timestamp) through a `ThreadedProducer` with the relay's settings, until all are acked.
+pub fn broker_ceiling(tansu: &Tansu, n: u64) -> Result<Rate> {
+    let kafka = KafkaConfig {
+        brokers: tansu.brokers(),
+        ..KafkaConfig::default()
+    };
+    let acked = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let cpu0 = own_cpu_secs();
+    let producer: ThreadedProducer<CountingContext> = client_config(&kafka)
+        .create_with_context(CountingContext {
+            acked: Arc::clone(&acked),
+            failed: Arc::clone(&failed),
+        })
+        .context("creating the producer")?;
+    let mut key = String::new();
+    let mut value = String::new();
+    let mut id = String::new();
+    let mut trace = String::new();
+    let lsn = "0/1A2B3C48";
+    for g in 0..n {
+        key.clear();
+        value.clear();
+        id.clear();
+        trace.clear();
+        event_fields(g, &mut key, &mut value, &mut trace);
+        let _ = write!(
+            id,
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            g as u32,
+            (g >> 32) as u16,
+            g % 0xfff,
+            g % 0xfff,
+            g.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16
+        );
+        let headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header {
+                key: "id",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some("OrderPlaced"),
+            })
+            .insert(Header {
+                key: "aggregate_type",
+                value: Some("order"),
+            })
+            .insert(Header {
+                key: "pg_lsn",
+                value: Some(lsn),
+            })
+            .insert(Header {
+                key: "trace_id",
+                value: Some(trace.as_str()),
+            });
+        let mut record = BaseRecord::to(TOPIC)
+            .key(key.as_str())
+            .payload(value.as_str())
+            .headers(headers)
+            .timestamp(unix_ms());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => bail!("produce: {e}"),
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120 + n / 2000);
+    while acked.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < n {
+        let _ = producer.flush(Timeout::After(Duration::from_millis(100)));
+        if Instant::now() >= deadline {
+            bail!(
+                "only {} of {n} records acknowledged",
+                acked.load(Ordering::Relaxed)
+            );
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} of {n} records failed");
+    }
+    Ok(Rate {
+        events: n,
+        secs,
+        cpu_secs: own_cpu_secs() - cpu0,
+    })
+}

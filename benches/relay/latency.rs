@@ -1,0 +1,295 @@
+//! Latency (measurement 4): commit to Kafka ack at a steady paced rate, one event per
+//! transaction, from the relay's own histogram; and its floor, a null consumer following the
+//! same writer.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use outbox_relay::config::Config;
+use outbox_relay::source::logical::replication_config;
+use outbox_relay::source::pgoutput::{self, Message};
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use testkit::Tansu;
+
+use crate::backlog::{connect, drop_slot};
+use crate::metrics::{bucket_quantile, gauge, histogram, histogram_sum_count, published};
+use crate::procfs::unix_micros;
+use crate::relay::{relay_toml, RelayProc};
+use crate::report::{Floor, Latency};
+use crate::{event_fields, Env, Opts, CONFIRM_EVERY, DB, SCRAPE_EVERY, WRITER_CONNECTIONS};
+
+/// One paced event, one transaction (autocommit); the values are formatted client side, as
+/// an application would, by [`event_fields`].
+pub const INSERT_ONE: &str = "INSERT INTO outbox.events \
+    (aggregate_type, aggregate_id, event_type, payload, headers) \
+    VALUES ('order', $1::text, 'OrderPlaced', $2::text::jsonb, $3::text::jsonb)";
+
+/// The latency floor: a null consumer following the paced writer on its own slot, the time
+/// from each transaction's commit timestamp to its `Commit` decoded here.
+pub fn latency_floor(env: &Env<'_>, opts: &Opts) -> Result<Floor> {
+    let slot = "bench_null_latency";
+    env.pg.psql(
+        DB,
+        &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+    )?;
+    let rate = opts.latency_rate;
+    let warm = rate * 2;
+    let count = rate * opts.latency_secs;
+    let mut latencies = env.rt.block_on(async {
+        let follower = tokio::spawn(null_follow(
+            env.url.to_owned(),
+            slot.to_owned(),
+            warm + count,
+        ));
+        paced_write(env.url.to_owned(), rate, warm + count, 0)
+            .await
+            .context("paced writer")?;
+        follower.await.context("null consumer panicked")?
+    })?;
+    drop_slot(env, slot)?;
+    env.pg.psql(DB, "TRUNCATE outbox.events")?;
+    let mut measured = latencies.split_off((warm as usize).min(latencies.len()));
+    measured.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        measured
+            .get(((measured.len() as f64 * q) as usize).min(measured.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Floor {
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: measured.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// Follows `slot` like [`null_consume`] until `n` inserts, returning each transaction's
+/// commit-to-decoded latency in ms (one entry per insert).
+pub async fn null_follow(url: String, slot: String, n: u64) -> Result<Vec<f64>> {
+    /// Seconds from the Unix epoch to the PostgreSQL epoch (2000-01-01).
+    const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+    let toml = relay_toml(&url, &slot, "127.0.0.1:9", 9);
+    let cfg = Config::from_parts(Some(&toml), Vec::<(String, String)>::new())
+        .map_err(|e| anyhow!("bench config: {e}"))?;
+    let repl = replication_config(&cfg)
+        .map_err(|e| anyhow!("replication config: {e}"))?
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(1));
+    let mut stream = ReplicationClient::connect(repl).await?;
+    stream.wait_started().await?;
+    let mut latencies = Vec::with_capacity(n as usize);
+    let mut inserts_in_tx = 0usize;
+    let mut last_confirm = Instant::now();
+    while (latencies.len() as u64) < n {
+        let event = stream
+            .recv()
+            .await?
+            .ok_or_else(|| anyhow!("the replication stream ended"))?;
+        match event {
+            ReplicationEvent::XLogData { data, .. } => {
+                let message =
+                    pgoutput::decode(&data).map_err(|e| anyhow!("pgoutput decode: {e:?}"))?;
+                if let Message::Insert { new, .. } = message {
+                    std::hint::black_box(new.iter().count());
+                    inserts_in_tx += 1;
+                }
+            }
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                let now = unix_micros();
+                let ms = (now - (commit_time_micros + PG_EPOCH_UNIX_MICROS)) as f64 / 1e3;
+                latencies.extend(std::iter::repeat_n(ms, inserts_in_tx));
+                inserts_in_tx = 0;
+                if last_confirm.elapsed() >= CONFIRM_EVERY {
+                    stream.update_applied_lsn(end_lsn);
+                    last_confirm = Instant::now();
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = stream.shutdown().await;
+    Ok(latencies)
+}
+
+pub fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency> {
+    let slot = "bench_relay_latency";
+    let mut relay = RelayProc::start(env, tansu, slot)?;
+    // Streaming once the relay holds its slot.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        relay.check_alive()?;
+        let active = env.pg.psql(
+            DB,
+            &format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active"
+            ),
+        )?;
+        if active.trim() == "1" && relay.metrics().is_some() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("the relay did not start streaming:\n{}", relay.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rate = opts.latency_rate;
+    // Warm-up (topic metadata, connections), not measured.
+    let warm = rate * 2;
+    env.rt
+        .block_on(paced_write(env.url.to_owned(), rate, warm, 0))
+        .context("warm-up writer")?;
+    wait_published(&mut relay, warm)?;
+    let before = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
+    let cpu_before = relay.cpu_secs(env.clk_tck);
+    let count = rate * opts.latency_secs;
+    let writer = env
+        .rt
+        .spawn(paced_write(env.url.to_owned(), rate, count, warm));
+    // Once a second: what the relay published and the mean latency of that second.
+    let mut last = (
+        Instant::now(),
+        published(&before),
+        histogram_sum_count(&before),
+    );
+    while !writer.is_finished() {
+        std::thread::sleep(Duration::from_millis(200));
+        if last.0.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        relay.check_alive()?;
+        if let Some(m) = relay.metrics() {
+            let now = (Instant::now(), published(&m), histogram_sum_count(&m));
+            let (sum, cnt) = (now.2 .0 - last.2 .0, now.2 .1 - last.2 .1);
+            eprintln!(
+                "[bench]   {:>6.0} published/s, mean latency {:>8.2} ms, lag {} bytes, {} in flight",
+                (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64(),
+                if cnt > 0.0 { sum / cnt * 1e3 } else { f64::NAN },
+                gauge(&m, "outbox_relay_replication_lag_bytes").unwrap_or(f64::NAN),
+                gauge(&m, "outbox_relay_inflight_events").unwrap_or(f64::NAN),
+            );
+            last = now;
+        }
+    }
+    let writer = env
+        .rt
+        .block_on(writer)
+        .context("paced writer panicked")?
+        .context("paced writer")?;
+    wait_published(&mut relay, warm + count)?;
+    let cpu = relay.cpu_secs(env.clk_tck) - cpu_before;
+    let after = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
+    let peak_rss_kb = relay.peak_rss_kb();
+    relay.stop();
+    drop_slot(env, slot)?;
+    env.pg.psql(DB, "TRUNCATE outbox.events")?;
+
+    let h0 = histogram(&before, "outbox_relay_end_to_end_latency_seconds");
+    let h1 = histogram(&after, "outbox_relay_end_to_end_latency_seconds");
+    let diff: Vec<(f64, f64)> = h1
+        .iter()
+        .map(|&(le, c1)| {
+            let c0 = h0.iter().find(|(l, _)| *l == le).map_or(0.0, |&(_, c)| c);
+            (le, c1 - c0)
+        })
+        .collect();
+    let total = diff.last().map_or(0.0, |&(_, c)| c);
+    if total < count as f64 {
+        bail!("the latency histogram counted {total} of {count} events");
+    }
+    let max_bucket = diff
+        .iter()
+        .find(|&&(_, c)| c >= total)
+        .map_or(f64::INFINITY, |&(le, _)| le);
+    Ok(Latency {
+        events: count,
+        achieved_rate: count as f64 / writer.secs,
+        p50_ms: bucket_quantile(0.5, &diff) * 1e3,
+        p99_ms: bucket_quantile(0.99, &diff) * 1e3,
+        max_bucket_ms: max_bucket * 1e3,
+        writer_p99_ms: writer.commit_p99_ms,
+        writer_max_late_ms: writer.max_late_ms,
+        cpu_us_per_event: cpu * 1e6 / count as f64,
+        peak_rss_kb,
+        floor: None,
+    })
+}
+
+pub fn wait_published(relay: &mut RelayProc, n: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        relay.check_alive()?;
+        if relay.metrics().is_some_and(|m| published(&m) >= n) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the relay did not publish {n} events:\n{}",
+                relay.log_tail()
+            );
+        }
+        std::thread::sleep(SCRAPE_EVERY);
+    }
+}
+
+pub struct WriterStats {
+    pub secs: f64,
+    commit_p99_ms: f64,
+    pub max_late_ms: f64,
+}
+
+/// `count` events at `rate` per second, one per transaction, spread round-robin over
+/// [`WRITER_CONNECTIONS`] connections; event `e` is due at `start + e / rate` (a late
+/// connection catches up).
+pub async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Result<WriterStats> {
+    let mut clients = Vec::new();
+    for _ in 0..WRITER_CONNECTIONS {
+        let client = connect(&url).await?;
+        let stmt = client.prepare(INSERT_ONE).await?;
+        clients.push((client, stmt));
+    }
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut tasks = Vec::new();
+    for (k, (client, stmt)) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut commits = Vec::with_capacity((count / WRITER_CONNECTIONS + 1) as usize);
+            let mut max_late = Duration::ZERO;
+            let mut e = k as u64;
+            while e < count {
+                let due = start + Duration::from_nanos(e * 1_000_000_000 / rate);
+                tokio::time::sleep_until(due).await;
+                let g = first + e;
+                let (mut key, mut value, mut trace) = (String::new(), String::new(), String::new());
+                event_fields(g, &mut key, &mut value, &mut trace);
+                let headers = format!(r#"{{"trace_id": "{trace}"}}"#);
+                let sent = tokio::time::Instant::now();
+                max_late = max_late.max(sent - due);
+                client.execute(&stmt, &[&key, &value, &headers]).await?;
+                commits.push(sent.elapsed());
+                e += WRITER_CONNECTIONS;
+            }
+            Ok::<_, anyhow::Error>((commits, max_late))
+        }));
+    }
+    let mut commits = Vec::new();
+    let mut max_late = Duration::ZERO;
+    for task in tasks {
+        let (c, late) = task.await??;
+        commits.extend(c);
+        max_late = max_late.max(late);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    commits.sort_unstable();
+    let p99 = commits
+        .get((commits.len() * 99 / 100).min(commits.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default();
+    Ok(WriterStats {
+        secs,
+        commit_p99_ms: p99.as_secs_f64() * 1e3,
+        max_late_ms: max_late.as_secs_f64() * 1e3,
+    })
+}

@@ -1,0 +1,435 @@
+//! The relay benchmark (SPEC §9, `docs/PERFORMANCE.md`):
+//!
+//! ```sh
+//! cargo bench --bench relay              # full run: 1,000,000-event backlogs, 30 s latency run
+//! cargo bench --bench relay -- --quick   # 50,000-event backlogs, 10 s latency run
+//! cargo bench --bench relay -- --events 200000   # another backlog size
+//! ```
+//!
+//! One run on one machine, everything local: a throwaway Postgres (`wal_level = logical`), a
+//! fresh in-memory `tansu` broker for every Kafka measurement, and the relay binary (built by
+//! `cargo bench` with the bench profile) as a child process. It measures, for the same WAL:
+//!
+//! 1. the **decode ceiling**: a null consumer of the replication stream (pgwire-replication and
+//!    our `pgoutput::decode`, every column walked, nothing sent), on its own slot created
+//!    before the backlog was written, until it has seen the backlog's last `Commit`;
+//! 2. the **broker ceiling**: a plain rdkafka producer with the relay's producer settings
+//!    (`sink::kafka::client_config`) sending records of the same shape, until every delivery
+//!    report is in;
+//! 3. **relay throughput** for 1, 10 and 100 events per transaction (and one transaction of
+//!    the whole backlog): the relay binary draining the backlog on its own slot, from its spawn
+//!    until `outbox_relay_events_published_total` reaches N and the slot's
+//!    `confirmed_flush_lsn` reaches the end of the backlog; with the relay's CPU time
+//!    (`/proc/PID/stat`) and peak RSS (`VmHWM`);
+//! 4. **latency**: commit to Kafka ack at a steady paced rate, one event per transaction, from
+//!    the relay's own histogram (bucket-interpolated like Prometheus' `histogram_quantile`);
+//! 5. a **peer**: `pg_recvlogical` with wal2json piped into a minimal Python producer on
+//!    PyPI's `confluent-kafka`, what a user would script instead (skipped, with the reason,
+//!    when wal2json or confluent-kafka cannot be installed).
+//!
+//! It prints a table and then one JSON line. Progress goes to stderr. With
+//! `RELAY_BENCH_KEEP_LOGS=1` the relay's config and log directories (`/tmp/relay-bench-*`)
+//! are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is printed;
+//! `RELAY_BENCH_KAFKA_PROPERTIES="k=v,..."` adds producer settings to the relay under test. Run under `cargo test`
+//! or `cargo nextest` (no `--bench` argument) it does nothing: it is not a test.
+//!
+//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`), the relay
+//! under test (`relay`), what is read from `/proc` and `/metrics` (`procfs`, `metrics`) and the
+//! `report`; Postgres, the broker and child processes come from the test kit (`testkit/`).
+
+mod backlog;
+mod broker;
+mod decode;
+mod latency;
+mod metrics;
+mod peer;
+mod procfs;
+mod relay;
+mod report;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use outbox_relay::source::setup::OUTBOX_SQL;
+use pgwire_replication::Lsn;
+use testkit::{try_tansu_bin, PostgresOptions, ThrowawayPostgres};
+use tokio::runtime::Runtime;
+
+use backlog::{connect, drain_relay, write_backlog, Slots};
+use broker::{broker_ceiling, start_tansu};
+use decode::{null_consume_on_own_thread, recvlogical_ceiling};
+use latency::{latency_floor, latency_run};
+use peer::{run_peer, setup_peer};
+use procfs::clock_ticks;
+use report::{report, Latency, Peer, Shape};
+
+/// The relay's allocator, so the null consumer and the plain producer pay what the relay pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The database the bench writes to.
+const DB: &str = "bench";
+
+/// The publication every slot streams (the relay's default name).
+const PUBLICATION: &str = "outbox_relay";
+
+/// Every event has aggregate type `order`, so every record goes to this topic.
+const TOPIC: &str = "outbox.event.order";
+
+/// The relay's default `kafka.topic_partitions`.
+const PARTITIONS: i32 = 3;
+
+/// Distinct aggregate ids (Kafka keys).
+const AGGREGATES: u64 = 10_000;
+
+/// How often a drain looks at the relay's `/metrics`.
+const SCRAPE_EVERY: Duration = Duration::from_millis(25);
+
+/// A drain that makes no progress for this long has failed.
+const STALL: Duration = Duration::from_secs(60);
+
+/// How often the null consumers confirm their position (the relay's tick).
+const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+
+/// Connections of the paced writer in the latency run.
+const WRITER_CONNECTIONS: u64 = 4;
+
+/// The event shape, server side: a ~110-byte JSON payload and one extra header (`trace_id`),
+/// so every record carries 5 headers (`id`, `event_type`, `aggregate_type`, `pg_lsn`,
+/// `trace_id`). `bench.fill` writes a backlog of `total` events, `per_tx` per transaction.
+/// (The expressions are written out rather than put in SQL functions: an inlined SQL function
+/// is parsed again whenever the statement is planned, which made the 1-per-transaction
+/// backlog three times slower to write.)
+const BENCH_SQL: &str = r#"
+CREATE SCHEMA IF NOT EXISTS bench;
+CREATE OR REPLACE PROCEDURE bench.fill(total bigint, per_tx bigint) LANGUAGE plpgsql AS $$
+DECLARE
+    i bigint := 0;
+BEGIN
+    WHILE i < total LOOP
+        INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload, headers)
+        SELECT 'order', (g % 10000)::text, 'OrderPlaced',
+            jsonb_build_object('order_id', g, 'customer_id', 'customer-' || (g % 1000),
+                'amount', round((g % 100000) / 100.0, 2), 'currency', 'EUR',
+                'items', g % 7 + 1, 'status', 'placed'),
+            jsonb_build_object('trace_id', md5(g::text))
+        FROM generate_series(i, least(i + per_tx, total) - 1) AS g;
+        COMMIT;
+        i := i + per_tx;
+    END LOOP;
+END
+$$;
+"#;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes `--bench`; `cargo test` and `cargo nextest` (which lists with
+    // `--list`) do not: there are no tests here, and a benchmark must not run as one.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    let opts = match Opts::parse(&args) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("relay bench: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&opts) {
+        eprintln!("relay bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options and the run
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Opts {
+    quick: bool,
+    /// Events in each backlog (and rows in the single big transaction).
+    events: u64,
+    latency_rate: u64,
+    latency_secs: u64,
+    /// `--only PARTS`: run just these parts (while iterating), a comma-separated list of
+    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four) and `latency`.
+    only: Option<Vec<String>>,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Opts> {
+        let quick = args.iter().any(|a| a == "--quick");
+        let mut opts = Opts {
+            quick,
+            events: if quick { 50_000 } else { 1_000_000 },
+            latency_rate: 5_000,
+            latency_secs: if quick { 10 } else { 30 },
+            only: None,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = |name: &str| -> Result<u64> {
+                it.next()
+                    .ok_or_else(|| anyhow!("{name} needs a value"))?
+                    .replace('_', "")
+                    .parse()
+                    .with_context(|| format!("{name} takes a number"))
+            };
+            match arg.as_str() {
+                "--events" => opts.events = value("--events")?.max(1000),
+                "--latency-secs" => opts.latency_secs = value("--latency-secs")?.max(1),
+                "--latency-rate" => opts.latency_rate = value("--latency-rate")?.max(1),
+                "--only" => {
+                    let parts: Vec<String> = it
+                        .next()
+                        .ok_or_else(|| anyhow!("--only needs a value"))?
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect();
+                    for part in &parts {
+                        if !["100", "10", "1", "big", "backlogs", "latency"]
+                            .contains(&part.as_str())
+                        {
+                            bail!("--only takes a list of 100, 10, 1, big, backlogs, latency");
+                        }
+                    }
+                    opts.only = Some(parts);
+                }
+                _ => {}
+            }
+        }
+        Ok(opts)
+    }
+}
+
+fn run(opts: &Opts) -> Result<()> {
+    let n = opts.events;
+    eprintln!(
+        "[bench] {} mode: {n} events per backlog, latency {} events/s for {} s",
+        if opts.quick { "quick" } else { "full" },
+        opts.latency_rate,
+        opts.latency_secs
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let clk_tck = clock_ticks();
+    try_tansu_bin().map_err(|e| anyhow!(e))?;
+
+    let pg = ThrowawayPostgres::start_with(
+        &PostgresOptions::default()
+            .setting("max_wal_size", "16GB")
+            .setting("checkpoint_timeout", "1h")
+            .setting("shared_buffers", "512MB")
+            // Vacuum of the freshly written backlog would compete with the measurement.
+            .setting("autovacuum", "off"),
+    )
+    .context("starting postgres")?;
+    pg.create_database(DB)?;
+    pg.psql(DB, OUTBOX_SQL).context("applying sql/outbox.sql")?;
+    pg.psql(DB, BENCH_SQL)
+        .context("creating the bench functions")?;
+    pg.psql(
+        DB,
+        &format!("CREATE PUBLICATION {PUBLICATION} FOR TABLE outbox.events"),
+    )?;
+    let url = pg.url(DB);
+    let db = rt.block_on(connect(&url))?;
+    let env = Env {
+        rt: &rt,
+        pg: &pg,
+        db: &db,
+        url: &url,
+        clk_tck,
+        postmaster: fs::read_to_string(pg.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse().ok()),
+    };
+
+    let runs = |part: &str| {
+        opts.only.as_ref().is_none_or(|only| {
+            only.iter()
+                .any(|o| o == part || (o == "backlogs" && part != "latency"))
+        })
+    };
+    let peer_setup = if runs("100") {
+        setup_peer(&pg)
+    } else {
+        Err("not run (--only)".to_string())
+    };
+    if let Err(why) = &peer_setup {
+        eprintln!("[bench] peer skipped: {why}");
+    }
+
+    // 100 events per transaction: decode ceiling, broker ceiling, relay, peer, on one WAL.
+    let mut shapes = Vec::new();
+    let mut peer = Peer::Skipped(peer_setup.clone().err().unwrap_or_default());
+    let mut broker = None;
+    let backlogs = [
+        (100, "100", "100 / tx"),
+        (10, "10", "10 / tx"),
+        (1, "1", "1 / tx"),
+        (n, "big", "1 tx of N"),
+    ];
+    for (per_tx, tag, label) in backlogs.into_iter().filter(|b| runs(b.1)) {
+        let with_peer = per_tx == 100 && peer_setup.is_ok();
+        let slots = Slots::create(&env, tag, with_peer)?;
+        eprintln!("[bench] writing {n} events, {per_tx} per transaction");
+        let (write_secs, end) = write_backlog(&env, n, per_tx)?;
+        eprintln!(
+            "[bench]   written in {write_secs:.1} s ({:.0} events/s), end {}",
+            n as f64 / write_secs,
+            Lsn::from_u64(end)
+        );
+
+        let first = null_consume_on_own_thread(&db, &url, &slots.null[0], n, end)?;
+        eprintln!(
+            "[bench]   decode ceiling, null consumer: {:.0} events/s ({:.2} s)",
+            first.eps(),
+            first.secs
+        );
+        let recvlogical = match recvlogical_ceiling(&env, &slots.recvlogical, n, end) {
+            Ok(rate) => {
+                eprintln!(
+                    "[bench]   decode ceiling, pg_recvlogical > /dev/null: {:.0} events/s ({:.2} s)",
+                    rate.eps(),
+                    rate.secs
+                );
+                Some(rate.eps())
+            }
+            Err(e) => {
+                eprintln!("[bench]   pg_recvlogical > /dev/null failed: {e:#}");
+                None
+            }
+        };
+        if per_tx == 100 {
+            let tansu = start_tansu()?;
+            let rate = broker_ceiling(&tansu, n)?;
+            eprintln!(
+                "[bench]   broker ceiling: {:.0} events/s ({:.2} s)",
+                rate.eps(),
+                rate.secs
+            );
+            broker = Some(rate);
+        }
+        let relay = {
+            let tansu = start_tansu()?;
+            drain_relay(&env, &tansu, &slots.relay, n, end).map_err(|e| format!("{e:#}"))
+        };
+        match &relay {
+            Ok(relay) => eprintln!(
+                "[bench]   relay: {:.0} events/s ({:.2} s; last ack at {:.2} s), {:.2} us CPU/event, peak RSS {:.1} MB",
+                relay.eps(),
+                relay.secs,
+                relay.acked_secs,
+                relay.cpu_us_per_event(),
+                relay.peak_rss_kb as f64 / 1024.0
+            ),
+            Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
+        }
+        if with_peer {
+            let tansu = start_tansu()?;
+            let python = peer_setup.as_ref().expect("peer is set up");
+            peer = match run_peer(&env, &tansu, python, slots.peer.as_deref(), n, end) {
+                Ok(p) => p,
+                Err(e) => Peer::Skipped(format!("the peer failed: {e:#}")),
+            };
+            match &peer {
+                Peer::Ran { rate, .. } => eprintln!(
+                    "[bench]   peer: {:.0} events/s ({:.2} s)",
+                    rate.eps(),
+                    rate.secs
+                ),
+                Peer::Skipped(why) => eprintln!("[bench]   peer skipped: {why}"),
+            }
+        }
+        // The first reader of a fresh backlog can find Postgres still busy with it (the
+        // checkpointer, the WAL's first read); a second run after the others gives the
+        // ceiling its best chance, and the fastest run of all counts.
+        let second = null_consume_on_own_thread(&db, &url, &slots.null[1], n, end)?;
+        eprintln!(
+            "[bench]   decode ceiling, null consumer again: {:.0} events/s ({:.2} s)",
+            second.eps(),
+            second.secs
+        );
+        let null = if second.eps() > first.eps() {
+            second
+        } else {
+            first
+        };
+        let decode = recvlogical.map_or(null.eps(), |r| r.max(null.eps()));
+        slots.drop_all(&env)?;
+        pg.psql(DB, "TRUNCATE outbox.events")?;
+        shapes.push(Shape {
+            label: label.to_string(),
+            per_tx,
+            write_secs,
+            decode,
+            null,
+            decode_runs: [Some(first.eps()), Some(second.eps()), recvlogical],
+            relay,
+        });
+    }
+
+    let latency = if runs("latency") {
+        eprintln!(
+            "[bench] latency: {} events/s, 1 event per transaction, {} s",
+            opts.latency_rate, opts.latency_secs
+        );
+        let floor = latency_floor(&env, opts)?;
+        eprintln!(
+            "[bench]   null consumer: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            floor.p50_ms, floor.p99_ms, floor.max_ms
+        );
+        let tansu = start_tansu()?;
+        let latency = Latency {
+            floor: Some(floor),
+            ..latency_run(&env, &tansu, opts)?
+        };
+        eprintln!(
+            "[bench]   relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+            latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
+        );
+        Some(latency)
+    } else {
+        None
+    };
+
+    report(opts, &shapes, broker, &peer, latency.as_ref());
+    Ok(())
+}
+
+/// What every phase needs.
+struct Env<'a> {
+    rt: &'a Runtime,
+    pg: &'a ThrowawayPostgres,
+    db: &'a tokio_postgres::Client,
+    url: &'a str,
+    clk_tck: f64,
+    /// The Postgres cluster's postmaster, whose children are the cluster's processes.
+    postmaster: Option<u32>,
+}
+
+/// Event `g` as `bench.fill` makes it server side: the key, the JSON payload
+/// (as jsonb prints it) and a 32-hex-digit trace id.
+fn event_fields(g: u64, key: &mut String, value: &mut String, trace: &mut String) {
+    let _ = write!(key, "{}", g % AGGREGATES);
+    let _ = write!(
+        value,
+        r#"{{"items": {}, "amount": {}.{:02}, "status": "placed", "currency": "EUR", "order_id": {g}, "customer_id": "customer-{}"}}"#,
+        g % 7 + 1,
+        (g % 100_000) / 100,
+        g % 100,
+        g % 1000
+    );
+    let _ = write!(
+        trace,
+        "{:016x}{:016x}",
+        g.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        g.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+    );
+}

@@ -1,0 +1,263 @@
+//! What the measurements found, printed as a table and then one JSON line.
+
+use std::fmt::Write as _;
+
+use crate::Opts;
+
+/// What one relay drain measured.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    pub events: u64,
+    /// Spawn to the slot confirmed past the backlog.
+    pub secs: f64,
+    /// Spawn to the last acknowledgement counted in `/metrics`.
+    pub acked_secs: f64,
+    /// Spawn to the first acknowledgement seen in `/metrics` (start-up: connections, slot,
+    /// topic metadata).
+    pub first_ack_secs: f64,
+    pub cpu_secs: f64,
+    pub peak_rss_kb: u64,
+    /// Cores busy machine-wide during the drain (Postgres, tansu, the relay and anything
+    /// else running): near the core count, the machine was the limit.
+    pub host_cores: f64,
+    /// Of those, cores busy with processes that are not the bench's (not the bench, the
+    /// relay, tansu or the Postgres cluster): other work on a shared machine.
+    pub other_cores: f64,
+}
+
+impl Drain {
+    pub fn eps(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+    pub fn cpu_us_per_event(&self) -> f64 {
+        self.cpu_secs * 1e6 / self.events as f64
+    }
+}
+
+/// One backlog shape: its null consumer and its relay drain.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub label: String,
+    pub per_tx: u64,
+    pub write_secs: f64,
+    /// The decode ceiling: the fastest of the runs below.
+    pub decode: f64,
+    /// The faster null-consumer run, whose CPU per event is the client side of decoding.
+    pub null: Rate,
+    /// Every null consumer's rate: ours before and after the relay's drain, and
+    /// `pg_recvlogical` into `/dev/null` (None when it could not run).
+    pub decode_runs: [Option<f64>; 3],
+    /// The drain, or why it failed (the other measurements still run).
+    pub relay: std::result::Result<Drain, String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rate {
+    pub events: u64,
+    pub secs: f64,
+    /// CPU seconds of the bench process meanwhile (the null consumer's or the producer's
+    /// own cost; the peer's is not measured).
+    pub cpu_secs: f64,
+}
+
+impl Rate {
+    pub fn eps(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+    pub fn cpu_us_per_event(&self) -> f64 {
+        self.cpu_secs * 1e6 / self.events as f64
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Latency {
+    pub events: u64,
+    pub achieved_rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_bucket_ms: f64,
+    pub writer_p99_ms: f64,
+    pub writer_max_late_ms: f64,
+    pub cpu_us_per_event: f64,
+    pub peak_rss_kb: u64,
+    /// The null consumer's commit-to-decoded latency at the same rate (exact, not bucketed).
+    pub floor: Option<Floor>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Floor {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Ran { rate: Rate, delivered: u64 },
+    Skipped(String),
+}
+
+pub fn report(
+    opts: &Opts,
+    shapes: &[Shape],
+    broker: Option<Rate>,
+    peer: &Peer,
+    latency: Option<&Latency>,
+) {
+    let n = opts.events;
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nrelay benchmark ({} mode, N = {n} events per backlog, {} cores)",
+        if opts.quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>9} {:>8} {:>9} {:>6} {:>8} {:>9} {:>10} {:>9} {:>8} {:>6} {:>7}",
+        "backlog",
+        "decode/s",
+        "dec us/ev",
+        "relay/s",
+        "ratio",
+        "relay s",
+        "1st ack s",
+        "last ack s",
+        "CPU us/ev",
+        "host CPU",
+        "other",
+        "RSS MB"
+    );
+    for s in shapes {
+        match &s.relay {
+            Ok(relay) => {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>9.0} {:>8.2} {:>9.0} {:>6.3} {:>8.2} {:>9.2} {:>10.2} {:>9.2} {:>8.2} {:>6.2} {:>7.1}",
+                    s.label,
+                    s.decode,
+                    s.null.cpu_us_per_event(),
+                    relay.eps(),
+                    relay.eps() / s.decode,
+                    relay.secs,
+                    relay.first_ack_secs,
+                    relay.acked_secs,
+                    relay.cpu_us_per_event(),
+                    relay.host_cores,
+                    relay.other_cores,
+                    mb(relay.peak_rss_kb)
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>9.0} {:>8.2}   relay FAILED: {}",
+                    s.label,
+                    s.decode,
+                    s.null.cpu_us_per_event(),
+                    e.lines().next().unwrap_or("")
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "(backlogs written in: {})",
+        shapes
+            .iter()
+            .map(|s| format!("{} {:.1} s", s.label, s.write_secs))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(broker) = broker {
+        let _ = writeln!(
+            out,
+            "broker ceiling (rdkafka, relay settings): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
+            broker.eps(),
+            broker.secs,
+            broker.cpu_us_per_event()
+        );
+    }
+    match peer {
+        Peer::Ran { rate, delivered } => {
+            let _ = writeln!(
+                out,
+                "peer (pg_recvlogical + wal2json | python confluent-kafka), 100 / tx: {:.0} events/s ({:.2} s, {delivered} delivered)",
+                rate.eps(),
+                rate.secs
+            );
+        }
+        Peer::Skipped(why) => {
+            let _ = writeln!(out, "peer: skipped ({why})");
+        }
+    }
+    if let Some(latency) = latency {
+        let _ = writeln!(
+            out,
+            "latency at {:.0} events/s (1 / tx, {} events, commit -> Kafka ack, bucket-interpolated): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+            latency.achieved_rate, latency.events, latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
+        );
+        if let Some(floor) = &latency.floor {
+            let _ = writeln!(
+                out,
+                "  floor, a null consumer at the same rate (commit -> decoded, exact): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                floor.p50_ms, floor.p99_ms, floor.max_ms
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event, peak RSS {:.1} MB",
+            latency.writer_p99_ms,
+            latency.writer_max_late_ms,
+            latency.cpu_us_per_event,
+            mb(latency.peak_rss_kb)
+        );
+    }
+    print!("{out}");
+
+    let find = |per_tx: u64| shapes.iter().find(|s| s.per_tx == per_tx);
+    let main = find(100);
+    let drain = |s: &Shape| s.relay.as_ref().ok().cloned();
+    let throughput = main.and_then(drain).map_or(f64::NAN, |d| d.eps());
+    let decode = main.map_or(f64::NAN, |s| s.decode);
+    let backlog_rss = shapes
+        .iter()
+        .filter(|s| s.per_tx <= 100)
+        .filter_map(|s| s.relay.as_ref().ok().map(|d| d.peak_rss_kb))
+        .max();
+    let big = shapes.iter().find(|s| s.per_tx > 100);
+    let eps_of = |per_tx: u64| find(per_tx).and_then(drain).map(|d| d.eps());
+    let json = serde_json::json!({
+        "mode": if opts.quick { "quick" } else { "full" },
+        "events": n,
+        "throughput_eps": throughput,
+        "decode_ceiling_eps": decode,
+        "broker_ceiling_eps": broker.map(|b| b.eps()),
+        "broker_cpu_us_per_event": broker.map(|b| b.cpu_us_per_event()),
+        "decode_cpu_us_per_event": main.map(|s| s.null.cpu_us_per_event()),
+        "decode_ceiling_runs_eps": main.map(|s| s.decode_runs),
+        "ratio": throughput / decode,
+        "latency_p50_ms": latency.map(|l| l.p50_ms),
+        "latency_p99_ms": latency.map(|l| l.p99_ms),
+        "latency_max_bucket_ms": latency.map(|l| l.max_bucket_ms),
+        "latency_rate_eps": latency.map(|l| l.achieved_rate),
+        "latency_cpu_us_per_event": latency.map(|l| l.cpu_us_per_event),
+        "decode_latency_p50_ms": latency.and_then(|l| l.floor).map(|f| f.p50_ms),
+        "decode_latency_p99_ms": latency.and_then(|l| l.floor).map(|f| f.p99_ms),
+        "peak_rss_mb": backlog_rss.map(mb),
+        "big_tx_peak_rss_mb": big.and_then(drain).map(|d| mb(d.peak_rss_kb)),
+        "big_tx_eps": big.and_then(drain).map(|d| d.eps()),
+        "peer_eps": match peer { Peer::Ran { rate, .. } => Some(rate.eps()), Peer::Skipped(_) => None },
+        "peer_skipped": match peer { Peer::Ran { .. } => None, Peer::Skipped(why) => Some(why.as_str()) },
+        "relay_cpu_us_per_event": main.and_then(drain).map(|d| d.cpu_us_per_event()),
+        "throughput_10_per_tx_eps": eps_of(10),
+        "throughput_1_per_tx_eps": eps_of(1),
+        "decode_ceiling_1_per_tx_eps": find(1).map(|s| s.decode),
+        "failures": shapes
+            .iter()
+            .filter_map(|s| s.relay.as_ref().err().map(|e| format!("{}: {}", s.label, e.lines().next().unwrap_or(""))))
+            .collect::<Vec<_>>(),
+    });
+    println!("{json}");
+}
