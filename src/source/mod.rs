@@ -4,12 +4,10 @@
 //! they need.
 
 pub mod backlog;
-pub mod coverage;
 pub mod leader;
 pub mod logical;
 pub mod pgoutput;
 pub mod polling;
-pub mod setup;
 pub mod values;
 
 use std::sync::Arc;
