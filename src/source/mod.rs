@@ -1,7 +1,7 @@
 //! Where committed outbox events come from: the logical replication stream (`logical`,
 //! decoded by `pgoutput`) or the polling reader (`polling`, led by whoever holds the `leader`
-//! lock). Both hand rows to the same router and sink; `setup` prepares the database objects
-//! they need.
+//! lock). Both hand rows to the same router and sink; [`crate::postgres`] prepares the
+//! database objects they need.
 
 pub mod backlog;
 pub mod leader;
