@@ -12,14 +12,15 @@
 //!   │  setup,       or polling)         checkpoint: what may be        delivery acks)       │
 //!   │  coverage)                        confirmed back to Postgres)                         │
 //!   └───────────────────────────────────────────────────────────────────────────────────────┘
-//!     beside them: http (/metrics, /healthz, /status) ◀── metrics, status
+//!     beside them: http (/metrics, /healthz, /readyz, /status) ◀── metrics, status
 //!     around them: config (loaded and validated once), error (the typed faults)
 //!     for the operator, called by main only: commands (init, check, status), demo
 //! ```
 //!
-//! Reading order: `source` (where rows come from), `route` (row to record), `sink` (Kafka),
-//! `checkpoint` (what may be confirmed), `relay` (the lifecycle around them), `policy` (what
-//! a failure means). Which module may import which is pinned by `tests/architecture.rs`.
+//! The pipeline is a stage, not yet a module: each source drives `route` and `checkpoint`
+//! itself today. Reading order: `source` (where rows come from), `route` (row to record),
+//! `sink` (Kafka), `checkpoint` (what may be confirmed), `relay` (the lifecycle around them),
+//! `policy` (what a failure means). Which module may import which is pinned by `tests/architecture.rs`.
 
 pub mod checkpoint;
 pub mod commands;
