@@ -20,7 +20,8 @@
 //! The pipeline is a stage, not yet a module: each source drives `route` and `checkpoint`
 //! itself today. Reading order: `source` (where rows come from), `route` (row to record),
 //! `sink` (Kafka), `checkpoint` (what may be confirmed), `relay` (the lifecycle around them),
-//! `policy` (what a failure means). Which module may import which is pinned by `tests/architecture.rs`.
+//! `policy` (what a failure means). Which module may import which is pinned by
+//! `tests/architecture.rs`.
 
 pub mod checkpoint;
 pub mod commands;
