@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             Command::Init(arg) => {
                 let config = load(&arg)?;
                 init_logging(&config);
-                outbox_relay::check::init(&config).await?;
+                outbox_relay::commands::init(&config).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Check(arg) => {
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
                         return Ok(ExitCode::FAILURE);
                     }
                 };
-                Ok(if outbox_relay::check::check(&config).await {
+                Ok(if outbox_relay::commands::check(&config).await {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
             }
             Command::Status(arg) => {
                 let config = load(&arg)?;
-                outbox_relay::check::status(&config).await?;
+                outbox_relay::commands::status(&config).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Demo(args) => {
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
 
 fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
     let config = Config::load(arg.config.as_deref())?;
-    outbox_relay::tls::check_files(&config.postgres_tls()?)?;
+    outbox_relay::postgres::tls::check_files(&config.postgres_tls()?)?;
     Ok(config)
 }
 

@@ -11,9 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceMode};
@@ -34,8 +33,6 @@ const STANDBY_RETRY: Duration = Duration::from_millis(1500);
 const MONITOR_INTERVAL: Duration = Duration::from_secs(2);
 /// How often a halted relay's loop wakes while it waits for the operator.
 const IDLE_WAKEUP: Duration = Duration::from_secs(5);
-/// Postgres connections for ordinary SQL (setup, monitoring); streaming has its own.
-const POOL_SIZE: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -45,40 +42,12 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid postgres.url")]
-    PostgresUrl(#[source] crate::config::ConfigError),
-    #[error("invalid postgres.url")]
-    PostgresTls(#[source] crate::tls::UnusableSettings),
     #[error("invalid config")]
     Config(#[source] crate::config::ConfigError),
-    #[error("cannot build the postgres pool: {0}")]
-    Pool(String),
+    #[error(transparent)]
+    Pool(#[from] crate::postgres::PoolError),
     #[error(transparent)]
     Source(#[from] SourceError),
-}
-
-/// Builds the pool for ordinary SQL.
-pub fn pool(cfg: &Config) -> Result<Pool, RunError> {
-    let pg = cfg.postgres_config().map_err(RunError::PostgresUrl)?;
-    let tls = cfg.postgres_tls().map_err(RunError::PostgresUrl)?;
-    // Verified: a pooled connection that went dead (a half-open network) is found out on
-    // reuse, within the recycle timeout, instead of hanging the caller.
-    let manager_config = ManagerConfig {
-        recycling_method: RecyclingMethod::Verified,
-    };
-    let manager = match crate::tls::make_tls_connect(&tls) {
-        Ok(Some(connector)) => Manager::from_config(pg, connector, manager_config),
-        Ok(None) => Manager::from_config(pg, NoTls, manager_config),
-        Err(e) => return Err(RunError::PostgresTls(crate::tls::UnusableSettings(e))),
-    };
-    Pool::builder(manager)
-        .max_size(POOL_SIZE)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(Duration::from_secs(10)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .map_err(|e| RunError::Pool(e.to_string()))
 }
 
 /// Runs the relay until `shutdown` is cancelled (Ok) or a definite error stops it.
@@ -109,7 +78,7 @@ pub async fn run_with(
     })?;
     tracing::info!(%addr, "http endpoints listening");
 
-    let pool = pool(&config)?;
+    let pool = crate::postgres::pool(&config)?;
     let monitor_stop = CancellationToken::new();
     let monitor_task = monitor(
         Arc::clone(&config),
@@ -321,7 +290,7 @@ fn watch_wal_status(
             "the slot holds more WAL than max_slot_wal_keep_size: it is lost at the next checkpoint unless the relay catches up"
         ),
         "lost" => {
-            let text = crate::source::setup::slot_lost(slot, confirmed).to_string();
+            let text = crate::postgres::setup::slot_lost(slot, confirmed).to_string();
             tracing::error!(error = %text, "relay halted: needs the operator");
             state.set_halted(text);
             metrics.halted.set(1);

@@ -52,7 +52,7 @@ use std::fs;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use outbox_relay::source::setup::OUTBOX_SQL;
+use outbox_relay::postgres::setup::OUTBOX_SQL;
 use pgwire_replication::Lsn;
 use testkit::{try_tansu_bin, PostgresOptions, ThrowawayPostgres};
 use tokio::runtime::Runtime;

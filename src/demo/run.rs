@@ -75,7 +75,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         std::iter::empty(),
     )
     .map_err(DemoError::Config)?;
-    crate::check::init(&config).await?;
+    crate::commands::init(&config).await?;
     println!("topic:     outbox.event.order (3 partitions), key = order id, header id = event id");
 
     let metrics = Metrics::new();
@@ -194,7 +194,7 @@ async fn write_orders(
     limit: Option<u64>,
     stop: CancellationToken,
 ) -> Result<u64, String> {
-    let pool = crate::relay::pool(&config).map_err(|e| e.to_string())?;
+    let pool = crate::postgres::pool(&config).map_err(|e| e.to_string())?;
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
     let mut written = 0u64;
     let mut sequence: HashMap<u64, u64> = HashMap::new();

@@ -23,10 +23,10 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, Connection, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::setup::pg;
 use super::SourceError;
 use crate::config::Config;
 use crate::error::{error_chain, Definite};
+use crate::postgres::setup::pg;
 
 /// The channel `outbox.notify_relay()` notifies (sql/outbox.sql).
 pub const NOTIFY_CHANNEL: &str = "outbox_relay";
@@ -162,9 +162,10 @@ async fn connect(
     let tls = cfg.postgres_tls().map_err(|e| Definite::PostgresTls {
         problem: e.to_string(),
     })?;
-    let connector = crate::tls::make_tls_connect(&tls).map_err(|e| Definite::PostgresTls {
-        problem: error_chain(&e),
-    })?;
+    let connector =
+        crate::postgres::tls::make_tls_connect(&tls).map_err(|e| Definite::PostgresTls {
+            problem: error_chain(&e),
+        })?;
     let connecting = async {
         match connector {
             Some(connector) => {

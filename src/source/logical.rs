@@ -50,12 +50,13 @@ use std::time::{Duration, Instant};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
 
-use super::coverage::Gate;
 use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
 use super::{Session, SourceError};
 use crate::config::{Column, Config};
 use crate::error::{error_chain, Definite};
+use crate::postgres::coverage::{self, Gate};
+use crate::postgres::setup;
 use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
 use crate::sink::kafka::{KafkaSink, Shared};
 
@@ -102,10 +103,10 @@ impl OutboxColumns {
     /// (renamed, dropped, left out by a column list) is a definite error: reading on would
     /// publish events without it (a NULL payload is a tombstone).
     fn locate(relation: &Relation, cfg: &Config, commit_lsn: &str) -> Result<Self, SourceError> {
-        for (key, name) in super::coverage::required_columns(cfg) {
+        for (key, name) in coverage::required_columns(cfg) {
             if relation.column_index(name).is_none() {
                 return Err(Definite::ColumnLeftStream {
-                    table: super::setup::table_sql(cfg),
+                    table: setup::table_sql(cfg),
                     column: name.to_owned(),
                     key,
                     commit_lsn: commit_lsn.to_owned(),
@@ -168,7 +169,9 @@ pub fn replication_config(cfg: &Config) -> Result<ReplicationConfig, SourceError
     let tls = cfg
         .postgres_tls()
         .map_err(|e| e.to_string())
-        .and_then(|tls| crate::tls::replication_tls(&tls, &host).map_err(|e| error_chain(&e)))
+        .and_then(|tls| {
+            crate::postgres::tls::replication_tls(&tls, &host).map_err(|e| error_chain(&e))
+        })
         .map_err(|problem| Definite::PostgresTls { problem })?;
     Ok(ReplicationConfig::new(
         host,
@@ -215,7 +218,7 @@ pub async fn run_session(
     let cfg = &session.config;
     let prepared = tokio::time::timeout(SETUP_TIMEOUT, async {
         let client = session.pool.get().await.map_err(SourceError::pool)?;
-        super::setup::prepare_logical(&**client, cfg).await
+        setup::prepare_logical(&**client, cfg).await
     })
     .await
     .map_err(|_| SourceError::Timeout("preparing the slot"))??;
@@ -246,8 +249,7 @@ pub async fn run_session(
         if matches!(error, SourceError::SlotBusy { .. }) {
             if let Ok(client) = session.pool.get().await {
                 if let Some(stale_after) = stale_holder_after(prepared.wal_sender_timeout) {
-                    super::setup::release_stale_slot(&**client, &cfg.source.slot, stale_after)
-                        .await;
+                    setup::release_stale_slot(&**client, &cfg.source.slot, stale_after).await;
                 }
             }
         }
@@ -762,7 +764,7 @@ impl Pipeline<'_> {
         if id == start.relid || commit <= start.lsn {
             return Ok(());
         }
-        Err(super::coverage::recreated(
+        Err(coverage::recreated(
             self.cfg,
             start.relid,
             format_args!("{id}, in the transaction committed at {commit_lsn}"),

@@ -1,15 +1,13 @@
 //! Where committed outbox events come from: the logical replication stream (`logical`,
 //! decoded by `pgoutput`) or the polling reader (`polling`, led by whoever holds the `leader`
-//! lock). Both hand rows to the same router and sink; `setup` prepares the database objects
-//! they need.
+//! lock). Both hand rows to the same router and sink; [`crate::postgres`] prepares the
+//! database objects they need.
 
 pub mod backlog;
-pub mod coverage;
 pub mod leader;
 pub mod logical;
 pub mod pgoutput;
 pub mod polling;
-pub mod setup;
 pub mod values;
 
 use std::sync::Arc;

@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::backlog::{self, Backlog};
 use super::leader::Leadership;
-use super::setup::{self, pg, quote_ident, PollingSetup, PollingTable};
 use super::{Session, SourceError};
 use crate::checkpoint::UnitId;
 use crate::config::Config;
 use crate::error::{error_chain, Definite};
+use crate::postgres::setup::{self, pg, quote_ident, PollingSetup, PollingTable};
 use crate::route::{OutboxEvent, Router};
 use crate::sink::kafka::{KafkaSink, Shared, SinkError};
 

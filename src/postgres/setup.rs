@@ -13,11 +13,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::GenericClient;
 
 use super::coverage::{self, Coverage};
-pub(crate) use super::pg;
-use super::{db_message, SourceError};
 use crate::config::{Column, Config, SourceMode};
 pub(crate) use crate::error::quote_ident;
 use crate::error::Definite;
+pub(crate) use crate::source::pg;
+use crate::source::{db_message, SourceError};
 
 /// The outbox schema, applied by `outbox-relay init`.
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");

@@ -26,9 +26,9 @@ use pgwire_replication::Lsn;
 use tokio_postgres::GenericClient;
 
 use super::setup::{parse_lsn, pg, publication_missing, quote_ident, table_sql};
-use super::SourceError;
 use crate::config::{Config, SourceMode};
 use crate::error::{error_chain, Definite};
+use crate::source::SourceError;
 
 /// How often a streaming session verifies coverage again: confirmed positions trail the
 /// server's WAL by about this much when the outbox is idle.
