@@ -12,6 +12,7 @@ pub mod demo;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod pipeline;
 pub mod policy;
 pub mod relay;
 pub mod route;

@@ -41,7 +41,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{Checkpoint, UnitId};
+use crate::checkpoint::{Checkpoint, UnitId, Watermark};
 use crate::config::KafkaConfig;
 use crate::error::Definite;
 use crate::metrics::Metrics;
@@ -260,7 +260,7 @@ impl Refused {
 
 /// State shared between the pipeline and the delivery callback.
 pub struct Shared<P> {
-    checkpoint: Mutex<Checkpoint<P>>,
+    watermark: Arc<Watermark<P>>,
     pub metrics: Metrics,
     /// The first delivery failure that must restart the pipeline.
     failure: Mutex<Option<String>>,
@@ -270,9 +270,10 @@ pub struct Shared<P> {
 }
 
 impl<P: Copy + Ord> Shared<P> {
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+    /// Delivery reports acknowledge on `watermark`, the pipeline's.
+    pub fn new(watermark: Arc<Watermark<P>>, metrics: Metrics) -> Arc<Self> {
         Arc::new(Self {
-            checkpoint: Mutex::new(Checkpoint::new()),
+            watermark,
             metrics,
             failure: Mutex::new(None),
             halt: Mutex::new(None),
@@ -280,11 +281,7 @@ impl<P: Copy + Ord> Shared<P> {
     }
 
     pub fn checkpoint(&self) -> MutexGuard<'_, Checkpoint<P>> {
-        // A panic while holding the lock can't leave the counters half-updated in a way that
-        // matters more than stopping would; keep going with the data.
-        self.checkpoint
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.watermark.lock()
     }
 
     /// A delivery failure that requires a restart, if one happened.

@@ -53,17 +53,13 @@ use tokio_util::sync::CancellationToken;
 use super::coverage::Gate;
 use super::pgoutput::{self, Message, Relation, Value};
 use super::values;
-use super::{Session, SourceError};
+use super::{Publish, Session, Source, SourceError};
+use crate::checkpoint::Watermark;
 use crate::config::{Column, Config};
 use crate::error::{error_chain, Definite};
-use crate::route::{DeadLetterReason, Envelope, OutboxEvent, Router};
-use crate::sink::kafka::{KafkaSink, Shared};
-
-/// How often the session publishes confirmable positions and gauges.
-const TICK: Duration = Duration::from_millis(50);
-
-/// How long shutdown waits for Kafka to acknowledge what is in flight.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(7);
+use crate::metrics::Metrics;
+use crate::route::{DeadLetterReason, Envelope, OutboxEvent};
+use crate::status::RelayState;
 
 /// Most events buffered between the replication connection and the pipeline.
 const STREAM_BUFFER_EVENTS: usize = 8192;
@@ -207,129 +203,176 @@ pub fn single_server(pg: &tokio_postgres::Config) -> Result<(), SourceError> {
     Err(Definite::SeveralServers { servers }.into())
 }
 
-/// One leader session of the logical source: runs until shutdown (Ok) or a fault (Err).
-pub async fn run_session(
-    session: &Session,
-    shutdown: &CancellationToken,
-) -> Result<(), SourceError> {
-    let cfg = &session.config;
-    let prepared = tokio::time::timeout(SETUP_TIMEOUT, async {
-        let client = session.pool.get().await.map_err(SourceError::pool)?;
-        super::setup::prepare_logical(&**client, cfg).await
-    })
-    .await
-    .map_err(|_| SourceError::Timeout("preparing the slot"))??;
+impl Source for Logical {
+    type Position = u64;
+    type Input = ReplicationEvent;
 
-    let timeout = stream_timeout(prepared.wal_sender_timeout);
-    let status_interval = feedback_interval(timeout);
-    let start = Lsn::from_u64(prepared.confirmed_flush);
-    let repl_cfg = replication_config(cfg)?
-        .with_application_name(session_application_name(
-            SESSION_COUNTER.fetch_add(1, Ordering::Relaxed),
-        ))
-        .with_options(format!(
-            "{STREAM_OPTIONS} -c wal_sender_timeout={}ms",
-            timeout.as_millis()
-        ))
-        .with_start_lsn(start)
-        .with_ack_lsn(start)
-        .with_status_interval(status_interval)
-        .with_wakeup_interval(idle_wakeup_interval(timeout));
-    let mut stream = ReplicationClient::connect(repl_cfg)
+    async fn prepare(
+        session: &Session,
+        _shutdown: &CancellationToken,
+    ) -> Result<Self, SourceError> {
+        let cfg = &session.config;
+        let prepared = tokio::time::timeout(SETUP_TIMEOUT, async {
+            let client = session.pool.get().await.map_err(SourceError::pool)?;
+            super::setup::prepare_logical(&**client, cfg).await
+        })
         .await
-        .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
-    let started = tokio::time::timeout(SETUP_TIMEOUT, stream.wait_started())
-        .await
-        .map_err(|_| SourceError::Timeout("starting replication"))?;
-    if let Err(e) = started {
-        let error = SourceError::replication(e, &cfg.source.slot);
-        if matches!(error, SourceError::SlotBusy { .. }) {
-            if let Ok(client) = session.pool.get().await {
-                if let Some(stale_after) = stale_holder_after(prepared.wal_sender_timeout) {
-                    super::setup::release_stale_slot(&**client, &cfg.source.slot, stale_after)
-                        .await;
+        .map_err(|_| SourceError::Timeout("preparing the slot"))??;
+
+        let timeout = stream_timeout(prepared.wal_sender_timeout);
+        let status_interval = feedback_interval(timeout);
+        let start = Lsn::from_u64(prepared.confirmed_flush);
+        let repl_cfg = replication_config(cfg)?
+            .with_application_name(session_application_name(
+                SESSION_COUNTER.fetch_add(1, Ordering::Relaxed),
+            ))
+            .with_options(format!(
+                "{STREAM_OPTIONS} -c wal_sender_timeout={}ms",
+                timeout.as_millis()
+            ))
+            .with_start_lsn(start)
+            .with_ack_lsn(start)
+            .with_status_interval(status_interval)
+            .with_wakeup_interval(idle_wakeup_interval(timeout));
+        let mut stream = ReplicationClient::connect(repl_cfg)
+            .await
+            .map_err(|e| SourceError::replication(e, &cfg.source.slot))?;
+        let started = tokio::time::timeout(SETUP_TIMEOUT, stream.wait_started())
+            .await
+            .map_err(|_| SourceError::Timeout("starting replication"))?;
+        if let Err(e) = started {
+            let error = SourceError::replication(e, &cfg.source.slot);
+            if matches!(error, SourceError::SlotBusy { .. }) {
+                if let Ok(client) = session.pool.get().await {
+                    if let Some(stale_after) = stale_holder_after(prepared.wal_sender_timeout) {
+                        super::setup::release_stale_slot(&**client, &cfg.source.slot, stale_after)
+                            .await;
+                    }
                 }
             }
+            return Err(error);
         }
-        return Err(error);
+        let coverage = Gate::new(
+            session.pool.clone(),
+            Arc::clone(&session.config),
+            prepared.coverage,
+        );
+        Ok(Self {
+            cfg: Arc::clone(cfg),
+            relations: HashMap::new(),
+            open: None,
+            confirmed: prepared.confirmed_flush,
+            wanted: prepared.confirmed_flush,
+            coverage,
+            stream_metrics: stream.metrics(),
+            received: Arc::new(AtomicU64::new(0)),
+            stream,
+            stream_lost: CancellationToken::new(),
+            silence_limit: silence_limit(timeout),
+            status_interval,
+            watchers: Vec::new(),
+            metrics: session.metrics.clone(),
+            state: Arc::clone(&session.state),
+        })
     }
 
-    let shared: Arc<Shared<u64>> = Shared::new(session.metrics.clone());
-    let mut sink = KafkaSink::new(
-        &cfg.kafka,
-        Arc::clone(&shared),
-        Arc::clone(&session.state),
-        shutdown.clone(),
-    )?;
-    session.state.set_leader(true);
-    session.metrics.is_leader.set(1);
-    tracing::info!(
-        slot = %cfg.source.slot,
-        from = %start,
-        feedback_ms = status_interval.as_millis() as u64,
-        "streaming the outbox"
-    );
-    let coverage = Gate::new(
-        session.pool.clone(),
-        Arc::clone(&session.config),
-        prepared.coverage,
-    );
-    let coverage_watch = tokio::spawn(Arc::clone(&coverage).watch());
-    let mut pipeline = Pipeline {
-        cfg,
-        router: session.router.clone(),
-        relations: HashMap::new(),
-        open: None,
-        confirmed: prepared.confirmed_flush,
-        wanted: prepared.confirmed_flush,
-        coverage,
-        stream_metrics: stream.metrics(),
-        received: Arc::new(AtomicU64::new(0)),
-    };
-    let stream_lost = CancellationToken::new();
-    let watchdog = tokio::spawn(watch_stream(
-        stream.metrics(),
-        Arc::clone(&pipeline.received),
-        silence_limit(timeout),
-        stream_lost.clone(),
-    ));
-    let result = pipeline
-        .stream(
-            &mut stream,
-            &mut sink,
-            &shared,
-            session,
-            shutdown,
-            &stream_lost,
-        )
-        .await;
-    watchdog.abort();
-    coverage_watch.abort();
-    match &result {
-        // Halting (or any definite error) still delivers what was produced before it (those
-        // events precede the cause) and confirms everything acknowledged, so that fixing the
-        // cause and restarting resends nothing. The transaction holding the cause is never
-        // sealed, so the watermark stops before it.
-        Err(e) if e.is_definite() => {
-            if let Err(error) = sink
-                .drain_for_shutdown(&session.router, Instant::now() + DRAIN_DEADLINE)
-                .await
-            {
-                tracing::warn!(error = %error_chain(&error), "cannot drain before halting");
-            }
-            pipeline.confirm_acknowledged(&stream, &shared).await;
-            tracing::info!(confirmed = %Lsn::from_u64(pipeline.confirmed), "acknowledged events confirmed before halting");
-            stream.abort();
-        }
-        Err(_) => {
-            sink.purge();
-            stream.abort();
-        }
-        Ok(()) => {}
+    fn start(&mut self, _session: &Session) {
+        tracing::info!(
+            slot = %self.cfg.source.slot,
+            from = %Lsn::from_u64(self.confirmed),
+            feedback_ms = self.status_interval.as_millis() as u64,
+            "streaming the outbox"
+        );
+        self.watchers
+            .push(tokio::spawn(Arc::clone(&self.coverage).watch()));
+        self.watchers.push(tokio::spawn(watch_stream(
+            self.stream.metrics(),
+            Arc::clone(&self.received),
+            self.silence_limit,
+            self.stream_lost.clone(),
+        )));
     }
-    session.state.set_leader(false);
-    session.metrics.is_leader.set(0);
-    result
+
+    /// The watchdog heard nothing from the server for too long: the connection is dead even
+    /// if the socket looks open.
+    fn lost(&self) -> CancellationToken {
+        self.stream_lost.clone()
+    }
+
+    fn lost_error(&self) -> SourceError {
+        SourceError::StreamLost
+    }
+
+    async fn next(&mut self) -> Result<ReplicationEvent, SourceError> {
+        match self
+            .stream
+            .recv()
+            .await
+            .map_err(|e| SourceError::replication(e, &self.cfg.source.slot))?
+        {
+            Some(event) => Ok(event),
+            None => Err(SourceError::StreamEnded),
+        }
+    }
+
+    async fn pump<W: Publish<u64> + Send>(
+        &mut self,
+        event: ReplicationEvent,
+        out: &mut W,
+    ) -> Result<(), SourceError> {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.handle(event, out).await
+    }
+
+    /// pgoutput sends each transaction whole: shutdown waits for its `Commit`.
+    fn at_boundary(&self) -> bool {
+        self.open.is_none()
+    }
+
+    /// Publishes the newest confirmable position to the server; fails once coverage of the
+    /// outbox table is lost.
+    async fn confirm(&mut self, acked: Option<u64>) -> Result<(), SourceError> {
+        if let Some(lost) = self.coverage.lost() {
+            return Err(lost);
+        }
+        // Also when nothing new was acknowledged: the verified position may have moved on.
+        self.advance(acked.unwrap_or(0));
+        self.metrics.confirmed_lsn.set(self.confirmed as i64);
+        self.state
+            .set_position(Lsn::from_u64(self.confirmed).to_string());
+        Ok(())
+    }
+
+    /// Confirms the final position and ends the stream.
+    async fn finish(&mut self, watermark: &Watermark<u64>) -> Result<(), SourceError> {
+        // Coverage is verified once more inside, so the final position may be confirmed: a
+        // restart then resends nothing.
+        self.confirm_acknowledged(watermark).await;
+        if let Some(lost) = self.coverage.lost() {
+            return Err(lost);
+        }
+        tracing::info!(confirmed = %Lsn::from_u64(self.confirmed), "final position confirmed");
+        self.stream
+            .shutdown()
+            .await
+            .map_err(|e| SourceError::replication(e, &self.cfg.source.slot))?;
+        Ok(())
+    }
+
+    async fn settle(&mut self, watermark: &Watermark<u64>) {
+        self.confirm_acknowledged(watermark).await;
+        tracing::info!(confirmed = %Lsn::from_u64(self.confirmed), "acknowledged events confirmed before halting");
+    }
+
+    async fn stop(&mut self) {
+        for watcher in self.watchers.drain(..) {
+            watcher.abort();
+        }
+    }
+
+    fn abort(&mut self) {
+        self.stream.abort();
+    }
 }
 
 /// Numbers the sessions of this process, for their `application_name`.
@@ -508,9 +551,10 @@ fn bounded_by_timeout(interval: Duration, wal_sender_timeout: Duration) -> Durat
 /// The feedback interval when `wal_sender_timeout` allows it.
 const FEEDBACK_EVERY: Duration = Duration::from_millis(100);
 
-struct Pipeline<'a> {
-    cfg: &'a Config,
-    router: Router,
+/// The logical source of one leader session.
+pub struct Logical {
+    cfg: Arc<Config>,
+    stream: ReplicationClient,
     relations: HashMap<u32, Option<OutboxColumns>>,
     open: Option<OpenTransaction>,
     /// The position last sent to the server.
@@ -522,117 +566,32 @@ struct Pipeline<'a> {
     stream_metrics: Arc<pgwire_replication::ReplicationMetrics>,
     /// Events taken from the stream, for the watchdog.
     received: Arc<AtomicU64>,
+    /// Cancelled by the watchdog when the stream went silent.
+    stream_lost: CancellationToken,
+    silence_limit: Duration,
+    status_interval: Duration,
+    /// The coverage check and the watchdog, once started.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+    metrics: Metrics,
+    state: Arc<RelayState>,
 }
 
-impl Pipeline<'_> {
-    async fn stream(
-        &mut self,
-        stream: &mut ReplicationClient,
-        sink: &mut KafkaSink<u64>,
-        shared: &Arc<Shared<u64>>,
-        session: &Session,
-        shutdown: &CancellationToken,
-        stream_lost: &CancellationToken,
-    ) -> Result<(), SourceError> {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stopping = false;
-        // Registered once, not once per message.
-        let shutdown_signal = shutdown.cancelled();
-        tokio::pin!(shutdown_signal);
-        let lost = stream_lost.cancelled();
-        tokio::pin!(lost);
-        loop {
-            if stopping && self.open.is_none() {
-                return self.finish(stream, sink, shared).await;
-            }
-            tokio::select! {
-                biased;
-                // 1. Shutdown: stop taking transactions at the next boundary.
-                _ = &mut shutdown_signal, if !stopping => {
-                    tracing::info!("shutting down: finishing the open transaction and draining");
-                    stopping = true;
-                }
-                // 2. Records Kafka refused for their content go to the dead-letter topic.
-                Some(refused) = sink.refused() => {
-                    sink.redirect(refused, &self.router).await?;
-                }
-                // 3. Confirm what Kafka has acknowledged; surface delivery failures.
-                _ = tick.tick() => {
-                    self.confirm(stream, sink, shared, session)?;
-                    if let Some(failure) = shared.failure() {
-                        return Err(SourceError::Sink(crate::sink::kafka::SinkError::Delivery(failure)));
-                    }
-                }
-                // 4. The watchdog heard nothing from the server for too long: the connection
-                // is dead even if the socket looks open.
-                _ = &mut lost => return Err(SourceError::StreamLost),
-                // 5. New data.
-                event = stream.recv() => {
-                    match event.map_err(|e| SourceError::replication(e, &self.cfg.source.slot))? {
-                        Some(event) => {
-                            self.received.fetch_add(1, Ordering::Relaxed);
-                            self.handle(event, stream, sink, shared).await?
-                        }
-                        None => return Err(SourceError::StreamEnded),
-                    }
-                }
-            }
-        }
-    }
-
-    /// Publishes the newest confirmable position to the server and refreshes gauges; fails
-    /// once coverage of the outbox table is lost.
-    fn confirm(
-        &mut self,
-        stream: &ReplicationClient,
-        sink: &KafkaSink<u64>,
-        shared: &Shared<u64>,
-        session: &Session,
-    ) -> Result<(), SourceError> {
-        if let Some(lost) = self.coverage.lost() {
-            return Err(lost);
-        }
-        let (confirmable, inflight, oldest) = {
-            let mut checkpoint = shared.checkpoint();
-            (
-                checkpoint.take_confirmable(),
-                checkpoint.inflight(),
-                checkpoint.oldest_committed_at(),
-            )
-        };
-        // Also when nothing new was acknowledged: the verified position may have moved on.
-        self.advance(stream, confirmable.unwrap_or(0));
-        let metrics = &session.metrics;
-        metrics.inflight_events.set(inflight as i64);
-        let age = oldest.map_or(0, |at| at.elapsed().as_secs() as i64);
-        metrics.oldest_pending_event_age.set(age);
-        metrics.replication_lag_seconds.set(age);
-        metrics.producer_queue_depth.set(sink.queue_depth() as i64);
-        metrics.confirmed_lsn.set(self.confirmed as i64);
-        session
-            .state
-            .set_position(Lsn::from_u64(self.confirmed).to_string());
-        Ok(())
-    }
-
+impl Logical {
     /// Confirms up to `lsn`, but never past the last position at which the publication was
     /// verified to cover the outbox table (see `coverage`): beyond it, events may be missing.
-    fn advance(&mut self, stream: &ReplicationClient, lsn: u64) {
+    fn advance(&mut self, lsn: u64) {
         self.wanted = self.wanted.max(lsn);
         let to = self.wanted.min(self.coverage.verified());
         if to > self.confirmed {
             self.confirmed = to;
-            stream.update_applied_lsn(Lsn::from_u64(to));
+            self.stream.update_applied_lsn(Lsn::from_u64(to));
         }
     }
 
-    async fn handle(
+    async fn handle<W: Publish<u64> + Send>(
         &mut self,
         event: ReplicationEvent,
-        stream: &ReplicationClient,
-        sink: &mut KafkaSink<u64>,
-        shared: &Shared<u64>,
+        out: &mut W,
     ) -> Result<(), SourceError> {
         tracing::trace!(?event, "replication event");
         match event {
@@ -642,9 +601,7 @@ impl Pipeline<'_> {
                 ..
             } => {
                 let commit_ms = values::pg_micros_to_unix_ms(commit_time_micros);
-                let unit = shared
-                    .checkpoint()
-                    .open(Some(values::instant_of(commit_ms)));
+                let unit = out.open(Some(values::instant_of(commit_ms)));
                 self.open = Some(OpenTransaction {
                     unit,
                     commit_lsn: final_lsn.to_string(),
@@ -654,12 +611,12 @@ impl Pipeline<'_> {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 if let Some(tx) = self.open.take() {
-                    shared.checkpoint().seal(tx.unit, end_lsn.as_u64());
+                    out.seal(tx.unit, end_lsn.as_u64());
                 }
             }
             ReplicationEvent::XLogData { data, .. } => {
                 let message = pgoutput::decode(&data).map_err(SourceError::Decode)?;
-                self.change(message, sink).await?;
+                self.change(message, out).await?;
             }
             ReplicationEvent::Message {
                 transactional,
@@ -674,33 +631,23 @@ impl Pipeline<'_> {
                     if let Some(tx) = &self.open {
                         let (unit, commit_lsn, commit_ms) =
                             (tx.unit, tx.commit_lsn.clone(), tx.commit_ms);
-                        self.emitted(&content, unit, &commit_lsn, commit_ms, sink)
+                        self.emitted(&content, unit, &commit_lsn, commit_ms, out)
                             .await?;
                     }
                 } else {
                     // Outside any transaction: a unit of its own at the message's LSN.
                     let now_ms = values::unix_ms_now();
-                    let unit = shared.checkpoint().open(Some(Instant::now()));
+                    let unit = out.open(Some(Instant::now()));
                     let lsn_text = lsn.to_string();
-                    self.emitted(&content, unit, &lsn_text, now_ms, sink)
-                        .await?;
-                    shared.checkpoint().seal(unit, lsn.as_u64());
+                    self.emitted(&content, unit, &lsn_text, now_ms, out).await?;
+                    out.seal(unit, lsn.as_u64());
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Everything up to the server's WAL end has been seen; with nothing in
                 // flight and no transaction open it is all confirmed.
                 if self.open.is_none() {
-                    let idle = {
-                        let mut checkpoint = shared.checkpoint();
-                        if let Some(lsn) = checkpoint.take_confirmable() {
-                            self.advance(stream, lsn);
-                        }
-                        checkpoint.is_idle()
-                    };
-                    if idle {
-                        self.advance(stream, wal_end.as_u64());
-                    }
+                    out.idle_at(wal_end.as_u64());
                 }
             }
             ReplicationEvent::StoppedAt { .. } => {}
@@ -709,10 +656,10 @@ impl Pipeline<'_> {
     }
 
     /// A pgoutput change inside the open transaction.
-    async fn change(
+    async fn change<W: Publish<u64> + Send>(
         &mut self,
         message: Message<'_>,
-        sink: &mut KafkaSink<u64>,
+        out: &mut W,
     ) -> Result<(), SourceError> {
         match message {
             Message::Relation(relation) => {
@@ -723,7 +670,7 @@ impl Pipeline<'_> {
                         .as_ref()
                         .map_or((0, ""), |tx| (tx.commit, tx.commit_lsn.as_str()));
                     self.same_relation(relation.id, commit, commit_lsn)?;
-                    Some(OutboxColumns::locate(&relation, self.cfg, commit_lsn)?)
+                    Some(OutboxColumns::locate(&relation, &self.cfg, commit_lsn)?)
                 } else {
                     None
                 };
@@ -738,15 +685,13 @@ impl Pipeline<'_> {
                 };
                 let event = row_event(columns, &new, &tx.commit_lsn, tx.commit_ms);
                 let unit = tx.unit;
-                let routed = self.router.route(event);
-                super::halt_if_invalid(self.cfg.source.on_invalid, &routed)?;
-                sink.send(unit, routed).await?;
+                out.publish(unit, event).await?;
             }
-            Message::Update { relation_id, .. } => self.ignored(relation_id, "update", sink),
-            Message::Delete { relation_id, .. } => self.ignored(relation_id, "delete", sink),
+            Message::Update { relation_id, .. } => self.ignored(relation_id, "update"),
+            Message::Delete { relation_id, .. } => self.ignored(relation_id, "delete"),
             Message::Truncate { relation_ids, .. } => {
                 for id in relation_ids {
-                    self.ignored(id, "truncate", sink);
+                    self.ignored(id, "truncate");
                 }
             }
             _ => {}
@@ -763,16 +708,15 @@ impl Pipeline<'_> {
             return Ok(());
         }
         Err(super::coverage::recreated(
-            self.cfg,
+            &self.cfg,
             start.relid,
             format_args!("{id}, in the transaction committed at {commit_lsn}"),
         ))
     }
 
-    fn ignored(&self, relation_id: u32, operation: &str, sink: &KafkaSink<u64>) {
+    fn ignored(&self, relation_id: u32, operation: &str) {
         if matches!(self.relations.get(&relation_id), Some(Some(_))) {
-            sink.shared()
-                .metrics
+            self.metrics
                 .ignored_changes
                 .with_label_values(&[operation])
                 .inc();
@@ -780,13 +724,13 @@ impl Pipeline<'_> {
     }
 
     /// An event emitted with `outbox.emit(...)`.
-    async fn emitted(
+    async fn emitted<W: Publish<u64> + Send>(
         &self,
         content: &[u8],
         unit: u64,
         commit_lsn: &str,
         commit_ms: i64,
-        sink: &mut KafkaSink<u64>,
+        out: &mut W,
     ) -> Result<(), SourceError> {
         let routed = match Envelope::parse(content) {
             Ok(envelope) => {
@@ -811,11 +755,9 @@ impl Pipeline<'_> {
                     pg_lsn: Some(commit_lsn),
                 };
                 // The envelope borrows `content`; route and send before it goes.
-                let routed = self.router.route(event);
-                super::halt_if_invalid(self.cfg.source.on_invalid, &routed)?;
-                return Ok(sink.send(unit, routed).await?);
+                return out.publish(unit, event).await;
             }
-            Err(error) => self.router.dead_letter_raw(
+            Err(error) => out.router().dead_letter_raw(
                 None,
                 Some(std::borrow::Cow::Borrowed(content)),
                 vec![(
@@ -827,45 +769,21 @@ impl Pipeline<'_> {
                 "",
             ),
         };
-        super::halt_if_invalid(self.cfg.source.on_invalid, &routed)?;
-        Ok(sink.send(unit, routed).await?)
-    }
-
-    /// Drains in-flight records, confirms the final position and ends the stream.
-    async fn finish(
-        &mut self,
-        stream: &mut ReplicationClient,
-        sink: &mut KafkaSink<u64>,
-        shared: &Arc<Shared<u64>>,
-    ) -> Result<(), SourceError> {
-        sink.drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
-            .await?;
-        // Coverage is verified once more inside, so the final position may be confirmed: a
-        // restart then resends nothing.
-        self.confirm_acknowledged(stream, shared).await;
-        if let Some(lost) = self.coverage.lost() {
-            return Err(lost);
-        }
-        tracing::info!(confirmed = %Lsn::from_u64(self.confirmed), "final position confirmed");
-        stream
-            .shutdown()
-            .await
-            .map_err(|e| SourceError::replication(e, &self.cfg.source.slot))?;
-        Ok(())
+        out.publish_routed(unit, routed).await
     }
 
     /// Confirms everything acknowledged and waits (up to 3 s, while the stream runs) until
     /// that position has gone out in a status update.
     /// Confirmation stops at the last position where coverage was verified; the check runs
     /// once more first (it changes nothing once coverage is lost).
-    async fn confirm_acknowledged(&mut self, stream: &ReplicationClient, shared: &Shared<u64>) {
+    async fn confirm_acknowledged(&mut self, watermark: &Watermark<u64>) {
         self.coverage.refresh().await;
-        let acked = shared.checkpoint().take_confirmable();
-        self.advance(stream, acked.unwrap_or(0));
+        let acked = watermark.lock().take_confirmable();
+        self.advance(acked.unwrap_or(0));
         let sent_deadline = Instant::now() + Duration::from_secs(3);
         while self.stream_metrics.last_applied_lsn().as_u64() < self.confirmed
             && Instant::now() < sent_deadline
-            && stream.is_running()
+            && self.stream.is_running()
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
