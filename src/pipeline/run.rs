@@ -161,9 +161,4 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
             }
         }
     }
-
-    /// The source, for what a caller wants to know after the session.
-    pub fn source(&self) -> &S {
-        &self.source
-    }
 }
