@@ -17,10 +17,40 @@
 //! nothing, instead of one queued unit each.
 
 use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 /// A unit's number, handed to the producer with each record and returned with its ack.
 pub type UnitId = u64;
+
+/// The one watermark of a pipeline session, shared by the pipeline (which opens and seals
+/// units and takes confirmable positions) and the sink's delivery reports (which acknowledge).
+#[derive(Debug)]
+pub struct Watermark<P> {
+    checkpoint: Mutex<Checkpoint<P>>,
+}
+
+impl<P: Copy + Ord> Default for Watermark<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: Copy + Ord> Watermark<P> {
+    pub fn new() -> Self {
+        Self {
+            checkpoint: Mutex::new(Checkpoint::new()),
+        }
+    }
+
+    /// The watermark, locked. A panic while holding the lock can't leave the counters
+    /// half-updated in a way that matters more than stopping would; keep going with the data.
+    pub fn lock(&self) -> MutexGuard<'_, Checkpoint<P>> {
+        self.checkpoint
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 #[derive(Debug)]
 struct Unit<P> {

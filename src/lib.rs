@@ -17,8 +17,8 @@
 //!     for the operator, called by main only: commands (init, check, status), demo
 //! ```
 //!
-//! The pipeline is a stage, not yet a module: each source drives `route` and `checkpoint`
-//! itself today. Reading order: `source` (where rows come from), `route` (row to record),
+//! Reading order: `source` (where rows come from, and the `Source` contract), `pipeline` (the
+//! one loop that drives a source into the sink: drain, then confirm), `route` (row to record),
 //! `sink` (Kafka), `checkpoint` (what may be confirmed), `relay` (the lifecycle around them),
 //! `policy` (what a failure means). Which module may import which is pinned by
 //! `tests/architecture.rs`.
@@ -30,6 +30,7 @@ pub mod demo;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod pipeline;
 pub mod policy;
 pub mod postgres;
 pub mod relay;

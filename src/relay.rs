@@ -18,10 +18,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, SourceMode};
 use crate::error::error_chain;
 use crate::metrics::Metrics;
+use crate::pipeline;
 use crate::policy::{self, Directive};
 use crate::route::Router;
 use crate::sink::kafka;
-use crate::source::{logical, polling, Session, SourceError};
+use crate::source::logical::Logical;
+use crate::source::polling::Polling;
+use crate::source::{Session, SourceError};
 use crate::status::RelayState;
 
 /// First retry delay after a transient fault; doubles up to [`MAX_BACKOFF`].
@@ -123,8 +126,8 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
         first = false;
         let started = std::time::Instant::now();
         let result = match session.config.source.mode {
-            SourceMode::Logical => logical::run_session(session, shutdown).await,
-            SourceMode::Polling => polling::run_session(session, shutdown).await,
+            SourceMode::Logical => pipeline::run_session::<Logical>(session, shutdown).await,
+            SourceMode::Polling => pipeline::run_session::<Polling>(session, shutdown).await,
         };
         let e = match result {
             Ok(()) => return Ok(()),

@@ -312,7 +312,19 @@ section! {
     }
 }
 
+/// librdkafka's default `message.max.bytes`, used when `[kafka.properties]` does not set it.
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
 impl KafkaConfig {
+    /// The producer's `message.max.bytes`: what the router compares record sizes with and
+    /// what sizes the replication buffer.
+    pub fn message_max_bytes(&self) -> usize {
+        self.properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+    }
+
     /// `topic`, parsed. Validation has checked it, so after loading this cannot fail.
     pub fn topic_template(&self) -> Result<TopicTemplate, ConfigError> {
         TopicTemplate::parse(&self.topic).map_err(|reason| invalid("kafka.topic", reason))

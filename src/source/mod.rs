@@ -1,7 +1,7 @@
 //! Where committed outbox events come from: the logical replication stream (`logical`,
 //! decoded by `pgoutput`) or the polling reader (`polling`, led by whoever holds the `leader`
-//! lock). Both hand rows to the same router and sink; [`crate::postgres`] prepares the
-//! database objects they need.
+//! lock). Both implement the [`Source`] contract, which `crate::pipeline` drives;
+//! [`crate::postgres`] prepares the database objects they need.
 
 pub mod backlog;
 pub mod leader;
@@ -10,15 +10,20 @@ pub mod pgoutput;
 pub mod polling;
 pub mod values;
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use pgwire_replication::PgWireError;
 use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{UnitId, Watermark};
 
 use crate::config::Config;
 use crate::error::Definite;
 use crate::metrics::Metrics;
-use crate::route::Router;
+use crate::route::{OutboxEvent, Routed, Router};
 use crate::sink::kafka::SinkError;
 use crate::status::RelayState;
 
@@ -29,6 +34,127 @@ pub struct Session {
     pub metrics: Metrics,
     pub router: Router,
     pub state: Arc<RelayState>,
+}
+
+/// A source of committed outbox events, as the pipeline drives it.
+///
+/// # The delivery contract
+///
+/// A position is confirmed to the source (the slot's confirmed position, the polling cursor)
+/// only when every event at or before it has been acknowledged by Kafka. The source never
+/// resends what it was told is safe, so confirming further would lose events on a crash;
+/// confirming less only duplicates them after a restart (consumers drop those by `id`).
+///
+/// The source keeps its side of it by handing each transaction to the [`Publish`]er as one
+/// watermark unit: [`Publish::open`] it, publish its events into it, and [`Publish::seal`] it
+/// at the position that may be confirmed once they are all acknowledged. The pipeline owns
+/// the watermark and calls [`Source::confirm`] with what it allows; a source confirms nothing
+/// else, except what it has seen while nothing was pending ([`Publish::idle_at`]).
+///
+/// Shutdown waits for [`Source::at_boundary`] (no transaction open), so the open transaction is
+/// finished, not cut: then every ack is awaited and [`Source::finish`] confirms the final
+/// position, and a restart resends nothing. A session that halts (a definite error) still
+/// drains and [`Source::settle`]s: everything acknowledged is confirmed, nothing past the
+/// cause (its transaction is never sealed).
+///
+/// Futures the pipeline races in its select loop ([`Source::next`]) must be cancel-safe; the
+/// others run to completion.
+pub trait Source: Send + Sized {
+    /// A place in the source's commit order: an LSN, a `(txid, seq)` cursor.
+    type Position: Copy + Ord + Send + Sync + 'static;
+    /// What [`Source::next`] waits for and [`Source::pump`] reads.
+    type Input: Send;
+
+    /// Ready: prepares the database objects, takes the slot or the leader lock, reads the
+    /// confirmed position. Fails without side effects to undo.
+    fn prepare(
+        session: &Session,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<Self, SourceError>> + Send;
+
+    /// Leading from here on: starts the source's background watchers.
+    fn start(&mut self, session: &Session);
+
+    /// Cancelled when this relay may no longer produce at all (another may lead already): the
+    /// sink then stops even a send that waits for room.
+    fn deposed(&self) -> Option<CancellationToken> {
+        None
+    }
+
+    /// Lost: cancelled when the source's connection or leadership is gone; the session then
+    /// ends with [`Source::lost_error`].
+    fn lost(&self) -> CancellationToken;
+
+    /// Why the session ends once [`Source::lost`] is cancelled.
+    fn lost_error(&self) -> SourceError;
+
+    /// Waits until there is something to read. Cancel-safe.
+    fn next(&mut self) -> impl Future<Output = Result<Self::Input, SourceError>> + Send;
+
+    /// Reads `input` and publishes its events, in commit order, into `out`.
+    fn pump<W: Publish<Self::Position> + Send>(
+        &mut self,
+        input: Self::Input,
+        out: &mut W,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// True when no transaction is open: shutdown may stop here.
+    fn at_boundary(&self) -> bool;
+
+    /// Confirms `acked`, the newest position every event at or before which is acknowledged
+    /// (`None`: nothing new), and publishes the source's position gauges. Called every tick.
+    fn confirm(
+        &mut self,
+        acked: Option<Self::Position>,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Shutdown, everything delivered: confirms the final position from `watermark` and ends
+    /// the session cleanly.
+    fn finish(
+        &mut self,
+        watermark: &Watermark<Self::Position>,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Halting: confirms what `watermark` allows, as far as the source still can.
+    fn settle(&mut self, watermark: &Watermark<Self::Position>) -> impl Future<Output = ()> + Send;
+
+    /// Stops the background watchers [`Source::start`] began.
+    fn stop(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Drops the connection after a fault, without a goodbye.
+    fn abort(&mut self) {}
+}
+
+/// Where a source publishes: the pipeline's watermark, router and sink.
+pub trait Publish<P> {
+    /// Opens a watermark unit for a transaction committed at `committed_at` (for latency).
+    fn open(&mut self, committed_at: Option<Instant>) -> UnitId;
+
+    /// Closes `unit` at `end`: once its events are acknowledged, `end` may be confirmed.
+    fn seal(&mut self, unit: UnitId, end: P);
+
+    /// Routes `event` and sends it as part of `unit`; with `on_invalid = "halt"`, an invalid
+    /// event fails instead.
+    fn publish(
+        &mut self,
+        unit: UnitId,
+        event: OutboxEvent<'_>,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// Sends a record already routed (a dead letter the source built) as part of `unit`.
+    fn publish_routed(
+        &mut self,
+        unit: UnitId,
+        routed: Routed<'_>,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// The router, for dead letters the source builds itself.
+    fn router(&self) -> &Router;
+
+    /// Everything up to `position` has been read and no transaction is open: when no unit is
+    /// pending, `position` is confirmed at once (an idle outbox on a busy database must not
+    /// pin WAL); what is acknowledged is confirmed at once either way.
+    fn idle_at(&mut self, position: P);
 }
 
 /// Why a session ended. What the relay does about it (retry, stand by, halt) is
@@ -197,32 +323,6 @@ fn replication_fault(e: &PgWireError, text: &str) -> ReplicationFault {
         return ReplicationFault::Privilege;
     }
     ReplicationFault::Transient
-}
-
-/// With `on_invalid = "halt"`, an invalid event stops the relay before anything past it is
-/// confirmed; otherwise it goes on to the dead-letter topic.
-pub(crate) fn halt_if_invalid(
-    on_invalid: crate::config::OnInvalid,
-    routed: &crate::route::Routed<'_>,
-) -> Result<(), SourceError> {
-    if on_invalid != crate::config::OnInvalid::Halt {
-        return Ok(());
-    }
-    let crate::route::Routed::DeadLetter { record, reason } = routed else {
-        return Ok(());
-    };
-    let text = |name| {
-        record
-            .header(name)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default()
-    };
-    Err(Definite::InvalidEvent {
-        id: text("id"),
-        reason: reason.to_string(),
-        error: text("dlq_error"),
-    }
-    .into())
 }
 
 #[cfg(test)]

@@ -29,18 +29,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::backlog::{self, Backlog};
 use super::leader::Leadership;
-use super::{Session, SourceError};
-use crate::checkpoint::UnitId;
+use super::{Publish, Session, Source, SourceError};
+use crate::checkpoint::{UnitId, Watermark};
 use crate::config::Config;
 use crate::error::{error_chain, Definite};
 use crate::postgres::setup::{self, pg, quote_ident, PollingSetup, PollingTable};
-use crate::route::{OutboxEvent, Router};
-use crate::sink::kafka::{KafkaSink, Shared, SinkError};
-
-/// How often acknowledged positions are confirmed and gauges refreshed.
-const TICK: Duration = Duration::from_millis(50);
-/// How long shutdown waits for Kafka to acknowledge what is in flight.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(7);
+use crate::route::OutboxEvent;
+use crate::status::RelayState;
 /// How long taking the lock and preparing may take before the session is retried.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A cursor write that takes longer means the leader connection is in trouble.
@@ -161,98 +156,194 @@ impl Queries {
     }
 }
 
-/// One leader session of the polling source: runs until shutdown (Ok) or a fault (Err).
-pub async fn run_session(
-    session: &Session,
-    shutdown: &CancellationToken,
-) -> Result<(), SourceError> {
-    let cfg = &session.config;
-    let mut leader = tokio::time::timeout(SETUP_TIMEOUT, Leadership::acquire(cfg))
+/// The polling source of one leader session.
+pub struct Polling {
+    cfg: Arc<Config>,
+    leader: Leadership,
+    reader: deadpool_postgres::Object,
+    read: tokio_postgres::Statement,
+    wake: mpsc::Receiver<()>,
+    next_poll: tokio::time::Instant,
+    notify: bool,
+    /// Where the next poll reads from: past everything handed to the sink.
+    read_from: Cursor,
+    /// Past everything Kafka acknowledged.
+    confirmed: Cursor,
+    /// What `outbox.relay_state` holds.
+    persisted: Cursor,
+    /// The confirmed cursor, for the background gauges and retention.
+    cursor_tx: watch::Sender<Cursor>,
+    /// For the backlog watcher, until it starts.
+    backlog: Option<(backlog::Statements, watch::Receiver<Cursor>)>,
+    backlog_task: Option<(tokio::task::JoinHandle<()>, CancellationToken)>,
+    state: Arc<RelayState>,
+}
+
+impl Source for Polling {
+    type Position = Cursor;
+    type Input = ();
+
+    async fn prepare(
+        session: &Session,
+        _shutdown: &CancellationToken,
+    ) -> Result<Self, SourceError> {
+        let cfg = &session.config;
+        let mut leader = tokio::time::timeout(SETUP_TIMEOUT, Leadership::acquire(cfg))
+            .await
+            .map_err(|_| SourceError::Timeout("taking the leader lock"))??;
+        let (table, start) = tokio::time::timeout(SETUP_TIMEOUT, async {
+            let client = session.pool.get().await.map_err(SourceError::pool)?;
+            let how = if cfg.source.create {
+                PollingSetup::Run
+            } else {
+                PollingSetup::Inspect
+            };
+            let table = setup::prepare_polling(&**client, cfg, how).await?;
+            let start = load_cursor(leader.client(), cfg).await?;
+            Ok::<_, SourceError>((table, start))
+        })
         .await
-        .map_err(|_| SourceError::Timeout("taking the leader lock"))??;
-    let (table, start) = tokio::time::timeout(SETUP_TIMEOUT, async {
-        let client = session.pool.get().await.map_err(SourceError::pool)?;
-        let how = if cfg.source.create {
-            PollingSetup::Run
-        } else {
-            PollingSetup::Inspect
-        };
-        let table = setup::prepare_polling(&**client, cfg, how).await?;
-        let start = load_cursor(leader.client(), cfg).await?;
-        Ok::<_, SourceError>((table, start))
-    })
-    .await
-    .map_err(|_| SourceError::Timeout("preparing the polling session"))??;
-    let queries = Queries::new(cfg, &table);
-
-    let shared: Arc<Shared<Cursor>> = Shared::new(session.metrics.clone());
-    let mut sink = KafkaSink::new(
-        &cfg.kafka,
-        Arc::clone(&shared),
-        Arc::clone(&session.state),
-        shutdown.clone(),
-    )?;
-    // A deposed leader must stop sending even while it waits for room in the queue.
-    sink.stop_on(leader.lost());
-    // Leading from here on: nothing below returns early.
-    session.state.set_leader(true);
-    session.metrics.is_leader.set(1);
-    session.state.set_position(start.to_string());
-    tracing::info!(
-        table = %cfg.source.table,
-        from = %start,
-        notify = table.notify_trigger,
-        poll_interval_ms = cfg.source.poll_interval.as_millis() as u64,
-        "leading: polling the outbox"
-    );
-
-    let (cursor_tx, cursor_rx) = watch::channel(start);
-    let backlog_stop = CancellationToken::new();
-    let backlog = tokio::spawn(
-        Backlog {
-            pool: session.pool.clone(),
-            statements: queries.backlog,
-            cursor: cursor_rx,
-            metrics: session.metrics.clone(),
+        .map_err(|_| SourceError::Timeout("preparing the polling session"))??;
+        let queries = Queries::new(cfg, &table);
+        let reader = session.pool.get().await.map_err(SourceError::pool)?;
+        let read = reader
+            .prepare(&queries.read)
+            .await
+            .map_err(pg("preparing the outbox query"))?;
+        let (cursor_tx, cursor_rx) = watch::channel(start);
+        let wake = leader.take_wake();
+        Ok(Self {
+            cfg: Arc::clone(cfg),
+            leader,
+            reader,
+            read,
+            wake,
+            next_poll: tokio::time::Instant::now(),
+            notify: table.notify_trigger,
+            read_from: start,
+            confirmed: start,
+            persisted: start,
+            cursor_tx,
+            backlog: Some((queries.backlog, cursor_rx)),
+            backlog_task: None,
             state: Arc::clone(&session.state),
-        }
-        .run(backlog_stop.clone()),
-    );
-    let mut poller = Poller {
-        cfg,
-        router: session.router.clone(),
-        read_sql: queries.read,
-        read_from: start,
-        confirmed: start,
-        persisted: start,
-        cursor_tx,
-    };
-    let wake = leader.take_wake();
-    let result = poller
-        .run(&leader, wake, &mut sink, &shared, session, shutdown)
-        .await;
-    backlog_stop.cancel();
-    let _ = backlog.await;
-    match &result {
-        // Halting (or any definite error) still delivers what was produced before it (those
-        // rows precede the cause) and persists the cursor past everything acknowledged, so
-        // that fixing the cause and restarting resends nothing. The transaction holding the
-        // cause is never sealed, so the cursor stops before it.
-        Err(e) if e.is_definite() => {
-            if let Err(error) = poller.settle(&leader, &mut sink, &shared, session).await {
-                tracing::warn!(error = %error_chain(&error), "cannot persist the cursor before halting");
-            }
-            sink.purge();
-        }
-        Err(_) => sink.purge(),
-        Ok(()) => {}
+        })
     }
-    session.state.set_leader(false);
-    session.state.set_horizon_held_back(None);
-    session.metrics.is_leader.set(0);
-    // Only now: releasing the lock lets a standby start from the cursor just persisted.
-    drop(leader);
-    result
+
+    fn start(&mut self, session: &Session) {
+        session.state.set_position(self.confirmed.to_string());
+        tracing::info!(
+            table = %self.cfg.source.table,
+            from = %self.confirmed,
+            notify = self.notify,
+            poll_interval_ms = self.cfg.source.poll_interval.as_millis() as u64,
+            "leading: polling the outbox"
+        );
+        if let Some((statements, cursor)) = self.backlog.take() {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(
+                Backlog {
+                    pool: session.pool.clone(),
+                    statements,
+                    cursor,
+                    metrics: session.metrics.clone(),
+                    state: Arc::clone(&session.state),
+                }
+                .run(stop.clone()),
+            );
+            self.backlog_task = Some((task, stop));
+        }
+    }
+
+    /// A deposed leader must stop sending even while it waits for room in the queue.
+    fn deposed(&self) -> Option<CancellationToken> {
+        Some(self.leader.lost())
+    }
+
+    /// The lock's connection is gone: another relay may lead already.
+    fn lost(&self) -> CancellationToken {
+        self.leader.lost()
+    }
+
+    fn lost_error(&self) -> SourceError {
+        self.leader.lost_error()
+    }
+
+    /// A notification, or the poll interval is up.
+    async fn next(&mut self) -> Result<(), SourceError> {
+        poll_due(&mut self.wake, self.next_poll).await;
+        Ok(())
+    }
+
+    async fn pump<W: Publish<Cursor> + Send>(
+        &mut self,
+        (): (),
+        out: &mut W,
+    ) -> Result<(), SourceError> {
+        let batch = self.cfg.source.batch_size as i64;
+        let rows = self
+            .reader
+            .query(
+                &self.read,
+                &[&self.read_from.txid, &self.read_from.seq, &batch],
+            )
+            .await
+            .map_err(pg("reading the outbox"))?;
+        // A full batch means more is waiting: read on at once.
+        let wait = if rows.len() as i64 >= batch {
+            Duration::ZERO
+        } else {
+            self.cfg.source.poll_interval
+        };
+        self.publish(&rows, out).await?;
+        self.next_poll = tokio::time::Instant::now() + wait;
+        Ok(())
+    }
+
+    /// Polling stops between batches: a batch is handed over whole.
+    fn at_boundary(&self) -> bool {
+        true
+    }
+
+    /// Persists the newest confirmable cursor when it moved.
+    async fn confirm(&mut self, acked: Option<Cursor>) -> Result<(), SourceError> {
+        if let Some(cursor) = acked {
+            self.confirmed = self.confirmed.max(cursor);
+        }
+        if self.persist().await? {
+            self.state.set_position(self.confirmed.to_string());
+        }
+        Ok(())
+    }
+
+    /// Persists the final cursor; the session then releases the lock.
+    async fn finish(&mut self, watermark: &Watermark<Cursor>) -> Result<(), SourceError> {
+        let acked = watermark.lock().take_confirmable();
+        self.confirm(acked).await?;
+        tracing::info!(cursor = %self.confirmed, "final cursor persisted");
+        Ok(())
+    }
+
+    /// Persists the cursor past what Kafka acknowledged.
+    async fn settle(&mut self, watermark: &Watermark<Cursor>) {
+        let acked = watermark.lock().take_confirmable();
+        match self.confirm(acked).await {
+            Ok(()) => {
+                tracing::info!(cursor = %self.confirmed, "acknowledged events confirmed before halting")
+            }
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "cannot persist the cursor before halting")
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some((task, stop)) = self.backlog_task.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+        self.state.set_horizon_held_back(None);
+    }
 }
 
 /// Reads the cursor, creating its row at the very beginning of the outbox on first start.
@@ -293,86 +384,12 @@ async fn load_cursor(client: &tokio_postgres::Client, cfg: &Config) -> Result<Cu
     }
 }
 
-struct Poller<'a> {
-    cfg: &'a Config,
-    router: Router,
-    read_sql: String,
-    /// Where the next poll reads from: past everything handed to the sink.
-    read_from: Cursor,
-    /// Past everything Kafka acknowledged.
-    confirmed: Cursor,
-    /// What `outbox.relay_state` holds.
-    persisted: Cursor,
-    /// The confirmed cursor, for the background gauges and retention.
-    cursor_tx: watch::Sender<Cursor>,
-}
-
-impl Poller<'_> {
-    async fn run(
-        &mut self,
-        leader: &Leadership,
-        mut wake: mpsc::Receiver<()>,
-        sink: &mut KafkaSink<Cursor>,
-        shared: &Arc<Shared<Cursor>>,
-        session: &Session,
-        shutdown: &CancellationToken,
-    ) -> Result<(), SourceError> {
-        let reader = session.pool.get().await.map_err(SourceError::pool)?;
-        let read = reader
-            .prepare(&self.read_sql)
-            .await
-            .map_err(pg("preparing the outbox query"))?;
-        let lost = leader.lost();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_poll = tokio::time::Instant::now();
-        let batch = self.cfg.source.batch_size as i64;
-        loop {
-            tokio::select! {
-                biased;
-                // 1. Shutdown: stop polling, drain, persist the final cursor.
-                _ = shutdown.cancelled() => {
-                    tracing::info!("shutting down: draining and persisting the cursor");
-                    return self.finish(leader, sink, shared, session).await;
-                }
-                // 2. The lock's connection is gone: another relay may lead already.
-                _ = lost.cancelled() => return Err(leader.lost_error()),
-                // 3. Records Kafka refused for their content go to the dead-letter topic.
-                Some(refused) = sink.refused() => {
-                    sink.redirect(refused, &self.router).await?;
-                }
-                // 4. Confirm what Kafka has acknowledged; surface delivery failures.
-                _ = tick.tick() => {
-                    self.confirm(leader, sink, shared, session).await?;
-                    if let Some(failure) = shared.failure() {
-                        return Err(SourceError::Sink(SinkError::Delivery(failure)));
-                    }
-                }
-                // 5. A notification, or the poll interval is up.
-                _ = poll_due(&mut wake, next_poll) => {
-                    let rows = reader
-                        .query(&read, &[&self.read_from.txid, &self.read_from.seq, &batch])
-                        .await
-                        .map_err(pg("reading the outbox"))?;
-                    // A full batch means more is waiting: read on at once.
-                    let wait = if rows.len() as i64 >= batch {
-                        Duration::ZERO
-                    } else {
-                        self.cfg.source.poll_interval
-                    };
-                    self.publish(&rows, sink, shared).await?;
-                    next_poll = tokio::time::Instant::now() + wait;
-                }
-            }
-        }
-    }
-
+impl Polling {
     /// Hands a batch to the sink, one watermark unit per transaction.
-    async fn publish(
+    async fn publish<W: Publish<Cursor> + Send>(
         &mut self,
         rows: &[tokio_postgres::Row],
-        sink: &mut KafkaSink<Cursor>,
-        shared: &Shared<Cursor>,
+        out: &mut W,
     ) -> Result<(), SourceError> {
         let mut open: Option<(UnitId, Cursor)> = None;
         for row in rows {
@@ -384,13 +401,12 @@ impl Poller<'_> {
             let unit = match open {
                 Some((unit, last)) if last.txid == at.txid => unit,
                 previous => {
-                    let mut checkpoint = shared.checkpoint();
                     if let Some((unit, last)) = previous {
-                        checkpoint.seal(unit, last);
+                        out.seal(unit, last);
                     }
                     // The transaction's start (`now()` in `created_at`) stands in for its
                     // commit time, which a table does not record.
-                    checkpoint.open(Some(
+                    out.open(Some(
                         created_ms.map_or_else(Instant::now, super::values::instant_of),
                     ))
                 }
@@ -406,58 +422,26 @@ impl Poller<'_> {
                 timestamp_ms: Some(created_ms.unwrap_or_else(super::values::unix_ms_now)),
                 pg_lsn: None,
             };
-            let routed = self.router.route(event);
-            super::halt_if_invalid(self.cfg.source.on_invalid, &routed)?;
-            sink.send(unit, routed).await?;
+            out.publish(unit, event).await?;
             open = Some((unit, at));
         }
         if let Some((unit, last)) = open {
-            shared.checkpoint().seal(unit, last);
+            out.seal(unit, last);
             self.read_from = last;
         }
         Ok(())
     }
 
-    /// Takes the newest confirmable cursor, persists it when it moved, refreshes gauges.
-    async fn confirm(
-        &mut self,
-        leader: &Leadership,
-        sink: &KafkaSink<Cursor>,
-        shared: &Shared<Cursor>,
-        session: &Session,
-    ) -> Result<(), SourceError> {
-        let (confirmable, inflight, oldest) = {
-            let mut checkpoint = shared.checkpoint();
-            (
-                checkpoint.take_confirmable(),
-                checkpoint.inflight(),
-                checkpoint.oldest_committed_at(),
-            )
-        };
-        if let Some(cursor) = confirmable {
-            self.confirmed = self.confirmed.max(cursor);
-        }
-        if self.persist(leader).await? {
-            session.state.set_position(self.confirmed.to_string());
-        }
-        let metrics = &session.metrics;
-        metrics.inflight_events.set(inflight as i64);
-        let age = oldest.map_or(0, |at| at.elapsed().as_secs() as i64);
-        metrics.replication_lag_seconds.set(age);
-        metrics.producer_queue_depth.set(sink.queue_depth() as i64);
-        Ok(())
-    }
-
     /// Writes the confirmed cursor on the leader's connection, if it moved; true if it did.
-    async fn persist(&mut self, leader: &Leadership) -> Result<bool, SourceError> {
+    async fn persist(&mut self) -> Result<bool, SourceError> {
         if self.confirmed == self.persisted {
             return Ok(false);
         }
-        let name = state_name(self.cfg);
+        let name = state_name(&self.cfg);
         let position = self.confirmed.to_string();
         let written = tokio::time::timeout(
             PERSIST_TIMEOUT,
-            leader.client().execute(
+            self.leader.client().execute(
                 "UPDATE outbox.relay_state SET position = $2, updated_at = now() \
                  WHERE name = $1 AND kind = 'polling-cursor'",
                 &[&name, &position],
@@ -479,39 +463,6 @@ impl Poller<'_> {
         self.persisted = self.confirmed;
         let _ = self.cursor_tx.send(self.confirmed);
         Ok(true)
-    }
-
-    /// After a definite error: delivers what is in flight (until the drain deadline) and
-    /// persists the cursor past what Kafka acknowledged.
-    async fn settle(
-        &mut self,
-        leader: &Leadership,
-        sink: &mut KafkaSink<Cursor>,
-        shared: &Arc<Shared<Cursor>>,
-        session: &Session,
-    ) -> Result<(), SourceError> {
-        let drained = sink
-            .drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
-            .await;
-        self.confirm(leader, sink, shared, session).await?;
-        tracing::info!(cursor = %self.confirmed, "acknowledged events confirmed before halting");
-        Ok(drained?)
-    }
-
-    /// Drains in-flight records and persists the final cursor; the caller then releases the
-    /// lock.
-    async fn finish(
-        &mut self,
-        leader: &Leadership,
-        sink: &mut KafkaSink<Cursor>,
-        shared: &Arc<Shared<Cursor>>,
-        session: &Session,
-    ) -> Result<(), SourceError> {
-        sink.drain_for_shutdown(&self.router, Instant::now() + DRAIN_DEADLINE)
-            .await?;
-        self.confirm(leader, sink, shared, session).await?;
-        tracing::info!(cursor = %self.confirmed, "final cursor persisted");
-        Ok(())
     }
 }
 

@@ -1,0 +1,68 @@
+//! The pipeline: one session's loop from a [`Source`] to a [`Sink`], the same for every
+//! source.
+//!
+//! It owns what the delivery contract rests on (see [`Source`]): the biased select loop, the
+//! watermark ([`Watermark`]), the router and the sink handle. Every tick it takes the newest
+//! acknowledged position from the watermark and has the source confirm it; on shutdown it
+//! lets the source reach a transaction boundary, drains every ack, and only then confirms the
+//! final position (drain-then-confirm). `run.rs` is the loop, `sink.rs` the sink contract and
+//! its Kafka implementation, `publisher.rs` what a source publishes into.
+//!
+//! Generic over both sides (no `dyn`): the hot path compiles to the same code as a source
+//! that called the Kafka sink itself.
+
+mod publisher;
+mod run;
+mod sink;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Watermark;
+use crate::sink::kafka::{KafkaSink, Shared};
+use crate::source::{Session, Source, SourceError};
+
+pub use run::Pipeline;
+pub use sink::Sink;
+
+/// One leader session of source `S` into Kafka: runs until shutdown (Ok) or a fault (Err).
+pub async fn run_session<S: Source>(
+    session: &Session,
+    shutdown: &CancellationToken,
+) -> Result<(), SourceError> {
+    let mut source = S::prepare(session, shutdown).await?;
+    let watermark = Arc::new(Watermark::new());
+    let shared = Shared::new(Arc::clone(&watermark), session.metrics.clone());
+    let mut sink = KafkaSink::new(
+        &session.config.kafka,
+        shared,
+        Arc::clone(&session.state),
+        shutdown.clone(),
+    )?;
+    if let Some(deposed) = source.deposed() {
+        sink.stop_on(deposed);
+    }
+    // Leading from here on: nothing below returns early.
+    session.state.set_leader(true);
+    session.metrics.is_leader.set(1);
+    source.start(session);
+    let mut pipeline = Pipeline::new(
+        source,
+        sink,
+        watermark,
+        session.router.clone(),
+        session.config.source.on_invalid,
+        session.metrics.clone(),
+    );
+    let result = pipeline.run(shutdown).await;
+    pipeline.end(&result).await;
+    session.state.set_leader(false);
+    session.metrics.is_leader.set(0);
+    // Only now: releasing the slot or the lock lets a standby start from the position just
+    // confirmed.
+    drop(pipeline);
+    result
+}

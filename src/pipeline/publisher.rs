@@ -1,0 +1,105 @@
+//! What a source publishes into: the pipeline's watermark, router and sink.
+
+use std::time::Instant;
+
+use super::sink::Sink;
+use crate::checkpoint::{UnitId, Watermark};
+use crate::config::OnInvalid;
+use crate::error::Definite;
+use crate::route::{OutboxEvent, Routed, Router};
+use crate::source::{Publish, SourceError};
+
+/// The pipeline's [`Publish`] for one [`crate::source::Source::pump`].
+pub(super) struct Publisher<'a, P, K> {
+    sink: &'a mut K,
+    watermark: &'a Watermark<P>,
+    router: &'a Router,
+    on_invalid: OnInvalid,
+    /// A position to confirm right after the pump (see [`Publish::idle_at`]).
+    confirm_now: Option<P>,
+}
+
+impl<'a, P: Copy + Ord, K> Publisher<'a, P, K> {
+    pub(super) fn new(
+        sink: &'a mut K,
+        watermark: &'a Watermark<P>,
+        router: &'a Router,
+        on_invalid: OnInvalid,
+    ) -> Self {
+        Self {
+            sink,
+            watermark,
+            router,
+            on_invalid,
+            confirm_now: None,
+        }
+    }
+
+    pub(super) fn confirm_now(&self) -> Option<P> {
+        self.confirm_now
+    }
+}
+
+impl<P, K> Publish<P> for Publisher<'_, P, K>
+where
+    P: Copy + Ord + Send + Sync,
+    K: Sink<P>,
+{
+    fn open(&mut self, committed_at: Option<Instant>) -> UnitId {
+        self.watermark.lock().open(committed_at)
+    }
+
+    fn seal(&mut self, unit: UnitId, end: P) {
+        self.watermark.lock().seal(unit, end);
+    }
+
+    async fn publish(&mut self, unit: UnitId, event: OutboxEvent<'_>) -> Result<(), SourceError> {
+        let routed = self.router.route(event);
+        self.publish_routed(unit, routed).await
+    }
+
+    async fn publish_routed(
+        &mut self,
+        unit: UnitId,
+        routed: Routed<'_>,
+    ) -> Result<(), SourceError> {
+        halt_if_invalid(self.on_invalid, &routed)?;
+        Ok(self.sink.send(unit, routed).await?)
+    }
+
+    fn router(&self) -> &Router {
+        self.router
+    }
+
+    fn idle_at(&mut self, position: P) {
+        let mut checkpoint = self.watermark.lock();
+        let mut to = checkpoint.take_confirmable();
+        if checkpoint.is_idle() {
+            to = to.max(Some(position));
+        }
+        self.confirm_now = self.confirm_now.max(to);
+    }
+}
+
+/// With `on_invalid = "halt"`, an invalid event stops the relay before anything past it is
+/// confirmed; otherwise it goes on to the dead-letter topic.
+fn halt_if_invalid(on_invalid: OnInvalid, routed: &Routed<'_>) -> Result<(), SourceError> {
+    if on_invalid != OnInvalid::Halt {
+        return Ok(());
+    }
+    let Routed::DeadLetter { record, reason } = routed else {
+        return Ok(());
+    };
+    let text = |name| {
+        record
+            .header(name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    Err(Definite::InvalidEvent {
+        id: text("id"),
+        reason: reason.to_string(),
+        error: text("dlq_error"),
+    }
+    .into())
+}
