@@ -20,11 +20,12 @@ use crate::error::error_chain;
 use crate::metrics::Metrics;
 use crate::pipeline;
 use crate::policy::{self, Directive};
+use crate::postgres::PgError;
 use crate::route::Router;
 use crate::sink::kafka;
 use crate::source::logical::Logical;
 use crate::source::polling::Polling;
-use crate::source::{Session, SourceError};
+use crate::source::{Report, Session, SourceError};
 use crate::status::RelayState;
 
 /// First retry delay after a transient fault; doubles up to [`MAX_BACKOFF`].
@@ -51,6 +52,13 @@ pub enum RunError {
     Pool(#[from] crate::postgres::PoolError),
     #[error(transparent)]
     Source(#[from] SourceError),
+}
+
+/// A setup step of a command failed: the same error a session would end with.
+impl From<PgError> for RunError {
+    fn from(e: PgError) -> Self {
+        Self::Source(e.into())
+    }
 }
 
 /// Runs the relay until `shutdown` is cancelled (Ok) or a definite error stops it.
@@ -105,15 +113,33 @@ pub async fn run_with(
         pool,
         metrics: metrics.clone(),
         router,
-        state: Arc::clone(&state),
+        report: Arc::clone(&state) as Arc<dyn Report>,
     };
-    let result = state.pipeline.run(sessions(&session, &shutdown)).await;
+    let result = state
+        .pipeline
+        .run(sessions(&session, &state, &shutdown))
+        .await;
     monitor_stop.cancel();
     http_stop.cancel();
     result
 }
 
-async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(), RunError> {
+/// The sources report their progress into the relay's state, which `/status` shows.
+impl Report for RelayState {
+    fn set_position(&self, position: String) {
+        RelayState::set_position(self, position);
+    }
+
+    fn set_horizon_held_back(&self, problem: Option<String>) {
+        RelayState::set_horizon_held_back(self, problem);
+    }
+}
+
+async fn sessions(
+    session: &Session,
+    state: &Arc<RelayState>,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
     let mut backoff = MIN_BACKOFF;
     let mut first = true;
     loop {
@@ -126,8 +152,8 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
         first = false;
         let started = std::time::Instant::now();
         let result = match session.config.source.mode {
-            SourceMode::Logical => pipeline::run_session::<Logical>(session, shutdown).await,
-            SourceMode::Polling => pipeline::run_session::<Polling>(session, shutdown).await,
+            SourceMode::Logical => pipeline::run_session::<Logical>(session, state, shutdown).await,
+            SourceMode::Polling => pipeline::run_session::<Polling>(session, state, shutdown).await,
         };
         let e = match result {
             Ok(()) => return Ok(()),
@@ -139,7 +165,7 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
                 // `/status` and `/readyz`, and a restart loop would only hide it.
                 let text = e.to_string();
                 tracing::error!(error = %text, "relay halted: needs the operator");
-                session.state.set_halted(text);
+                state.set_halted(text);
                 session.metrics.halted.set(1);
                 // Wake now and then: the heartbeat shows `/healthz` the loop is alive.
                 while tokio::time::timeout(IDLE_WAKEUP, shutdown.cancelled())
@@ -150,15 +176,15 @@ async fn sessions(session: &Session, shutdown: &CancellationToken) -> Result<(),
             }
             Directive::Standby => {
                 tracing::debug!(reason = %e, "standing by: another relay leads");
-                session.state.set_source_ok(true);
+                state.set_source_ok(true);
                 first = true;
                 STANDBY_RETRY
             }
             Directive::Retry => {
                 let text = error_chain(&e);
                 tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "source session failed; resuming from the confirmed position");
-                session.state.set_error(Some(text));
-                session.state.set_source_ok(false);
+                state.set_error(Some(text));
+                state.set_source_ok(false);
                 if started.elapsed() > MAX_BACKOFF {
                     backoff = MIN_BACKOFF;
                 }

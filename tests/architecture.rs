@@ -25,22 +25,10 @@ const ALLOWED: &[(&str, &str)] = &[
     // To be removed when `SourceError` stops carrying the sink's error: the pipeline owns the
     // sink, but a session still ends with a sink failure converted into the source's error.
     ("source", "sink"),
-    // To be removed when the pipeline reports positions and the polling horizon: the session
-    // hands the relay's state to the sources, which update the position, the horizon and the
-    // backlog gauges themselves.
-    ("source", "status"),
-    ("source::backlog", "status"),
-    ("source::logical", "status"),
-    ("source::polling", "status"),
 ];
 
 /// Top-level import cycles that exist today, each as its modules in sorted order.
-const ALLOWED_CYCLES: &[&[&str]] = &[
-    // To be removed when the session error (`SourceError`, with its SQLSTATE helpers `pg` and
-    // `db_message`) moves out of `source/mod.rs` into the pipeline's error policy: `postgres`'s
-    // setup and coverage checks return it, and the sources use `postgres` to connect and set up.
-    &["postgres", "source"],
-];
+const ALLOWED_CYCLES: &[&[&str]] = &[];
 
 /// One rule: modules under `from` must not use modules under `to`. A `to` of `None` means
 /// "anything outside `from` itself".

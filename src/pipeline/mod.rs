@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::Watermark;
 use crate::sink::kafka::{KafkaSink, Shared};
 use crate::source::{Session, Source, SourceError};
+use crate::status::RelayState;
 
 pub use run::Pipeline;
 pub use sink::Sink;
@@ -31,6 +32,7 @@ pub use sink::Sink;
 /// One leader session of source `S` into Kafka: runs until shutdown (Ok) or a fault (Err).
 pub async fn run_session<S: Source>(
     session: &Session,
+    state: &Arc<RelayState>,
     shutdown: &CancellationToken,
 ) -> Result<(), SourceError> {
     let mut source = S::prepare(session, shutdown).await?;
@@ -39,14 +41,14 @@ pub async fn run_session<S: Source>(
     let mut sink = KafkaSink::new(
         &session.config.kafka,
         shared,
-        Arc::clone(&session.state),
+        Arc::clone(state),
         shutdown.clone(),
     )?;
     if let Some(deposed) = source.deposed() {
         sink.stop_on(deposed);
     }
     // Leading from here on: nothing below returns early.
-    session.state.set_leader(true);
+    state.set_leader(true);
     session.metrics.is_leader.set(1);
     source.start(session);
     let mut pipeline = Pipeline::new(
@@ -59,7 +61,7 @@ pub async fn run_session<S: Source>(
     );
     let result = pipeline.run(shutdown).await;
     pipeline.end(&result).await;
-    session.state.set_leader(false);
+    state.set_leader(false);
     session.metrics.is_leader.set(0);
     // Only now: releasing the slot or the lock lets a standby start from the position just
     // confirmed.

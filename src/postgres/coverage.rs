@@ -25,10 +25,10 @@ use std::time::Duration;
 use pgwire_replication::Lsn;
 use tokio_postgres::GenericClient;
 
+use super::error::PgError;
 use super::setup::{parse_lsn, pg, publication_missing, quote_ident, table_sql};
 use crate::config::{Config, SourceMode};
 use crate::error::{error_chain, Definite};
-use crate::source::SourceError;
 
 /// How often a streaming session verifies coverage again: confirmed positions trail the
 /// server's WAL by about this much when the outbox is idle.
@@ -96,10 +96,7 @@ pub fn required_columns(cfg: &Config) -> Vec<(&'static str, &str)> {
 }
 
 /// Reads the WAL position, then (in a later snapshot) the catalog.
-pub async fn read(
-    client: &impl GenericClient,
-    cfg: &Config,
-) -> Result<(u64, Finding), SourceError> {
+pub async fn read(client: &impl GenericClient, cfg: &Config) -> Result<(u64, Finding), PgError> {
     // First, in a statement of its own: see the module docs.
     let lsn: String = client
         .query_one(
@@ -171,7 +168,7 @@ pub async fn read(
 }
 
 /// Verifies that the publication covers the outbox table with every configured column.
-pub async fn verify(client: &impl GenericClient, cfg: &Config) -> Result<Coverage, SourceError> {
+pub async fn verify(client: &impl GenericClient, cfg: &Config) -> Result<Coverage, PgError> {
     verify_since(client, cfg, None).await
 }
 
@@ -181,7 +178,7 @@ async fn verify_since(
     client: &impl GenericClient,
     cfg: &Config,
     start: Option<&Coverage>,
-) -> Result<Coverage, SourceError> {
+) -> Result<Coverage, PgError> {
     let (lsn, finding) = read(client, cfg).await?;
     if let (Some(start), Some(relid)) = (start, finding.relid) {
         // First: a recreated table is also missing from the publication, and this names why.
@@ -204,7 +201,7 @@ async fn verify_since(
 }
 
 /// The error for an outbox table dropped and created again under the same name.
-pub(crate) fn recreated(cfg: &Config, was: u32, now: impl std::fmt::Display) -> SourceError {
+pub(crate) fn recreated(cfg: &Config, was: u32, now: impl std::fmt::Display) -> PgError {
     Definite::TableRecreated {
         quoted: quote_ident(&cfg.source.publication),
         table: table_sql(cfg),
@@ -215,7 +212,7 @@ pub(crate) fn recreated(cfg: &Config, was: u32, now: impl std::fmt::Display) -> 
 }
 
 /// The table exists and has every configured column, none of them generated.
-pub fn judge_table(finding: &Finding, cfg: &Config) -> Result<(), SourceError> {
+pub fn judge_table(finding: &Finding, cfg: &Config) -> Result<(), PgError> {
     let table = table_sql(cfg);
     if finding.relid.is_none() {
         return Err(Definite::TableMissing { table }.into());
@@ -233,7 +230,7 @@ pub fn judge_table(finding: &Finding, cfg: &Config) -> Result<(), SourceError> {
 
 /// The publication exists and delivers every insert into the table with every configured
 /// column, under the table's own name.
-pub fn judge_publication(finding: &Finding, cfg: &Config) -> Result<(), SourceError> {
+pub fn judge_publication(finding: &Finding, cfg: &Config) -> Result<(), PgError> {
     let table = table_sql(cfg);
     let quoted = quote_ident(&cfg.source.publication);
     let name = cfg.source.publication.clone();
@@ -311,7 +308,7 @@ fn publish_with_insert(publication: &Publication) -> String {
 }
 
 /// Compares a verification made while streaming with the one the session started from.
-fn compare(start: &Coverage, now: &Coverage, cfg: &Config) -> Result<(), SourceError> {
+fn compare(start: &Coverage, now: &Coverage, cfg: &Config) -> Result<(), PgError> {
     if now.relid != start.relid {
         return Err(recreated(cfg, start.relid, now.relid));
     }
@@ -364,14 +361,14 @@ impl Gate {
 
     /// Why the session must end: the definite error a verification found once coverage is
     /// lost, or Postgres shutting down.
-    pub fn lost(&self) -> Option<SourceError> {
+    pub fn lost(&self) -> Option<PgError> {
         let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(definite) = lost.as_ref() {
             return Some(definite.clone().into());
         }
         self.stopping
             .load(Ordering::Relaxed)
-            .then_some(SourceError::ServerStopping)
+            .then_some(PgError::ServerStopping)
     }
 
     /// Verifies every [`VERIFY_EVERY`] until coverage is lost (then it stops: the pipeline
@@ -395,9 +392,9 @@ impl Gate {
             return false;
         }
         let result = tokio::time::timeout(VERIFY_TIMEOUT, async {
-            let client = self.pool.get().await.map_err(SourceError::pool)?;
+            let client = self.pool.get().await.map_err(PgError::pool)?;
             let result = verify_since(&**client, &self.config, Some(&self.start)).await;
-            if matches!(result, Err(SourceError::Postgres { .. })) {
+            if matches!(result, Err(PgError::Postgres { .. })) {
                 // A broken connection must not go back to the pool.
                 let _ = deadpool_postgres::Object::take(client);
             }
@@ -426,7 +423,7 @@ impl Gate {
                 self.verified.fetch_max(now.lsn, Ordering::Relaxed);
                 true
             }
-            Err(SourceError::Definite(cause)) => {
+            Err(PgError::Definite(cause)) => {
                 let lost = Definite::CoverageLost {
                     cause: Box::new(cause),
                     held: Lsn::from_u64(self.verified()).to_string(),

@@ -13,11 +13,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::GenericClient;
 
 use super::coverage::{self, Coverage};
+pub(crate) use super::error::pg;
+use super::error::{db_message, PgError};
 use crate::config::{Column, Config, SourceMode};
 pub(crate) use crate::error::quote_ident;
 use crate::error::Definite;
-pub(crate) use crate::source::pg;
-use crate::source::{db_message, SourceError};
 
 /// The outbox schema, applied by `outbox-relay init`.
 pub const OUTBOX_SQL: &str = include_str!("../../sql/outbox.sql");
@@ -42,7 +42,7 @@ pub fn table_sql(cfg: &Config) -> String {
 }
 
 /// Applies `sql/outbox.sql` (idempotent) with the configured message prefix.
-pub async fn apply_schema(client: &impl GenericClient, cfg: &Config) -> Result<(), SourceError> {
+pub async fn apply_schema(client: &impl GenericClient, cfg: &Config) -> Result<(), PgError> {
     let prefix = cfg.source.message_prefix.replace('\'', "''");
     let sql = OUTBOX_SQL.replace(PREFIX_MARKER, &format!("'{prefix}'"));
     client
@@ -57,7 +57,7 @@ pub async fn apply_schema(client: &impl GenericClient, cfg: &Config) -> Result<(
 pub async fn prepare_logical(
     client: &impl GenericClient,
     cfg: &Config,
-) -> Result<Prepared, SourceError> {
+) -> Result<Prepared, PgError> {
     check_wal_level(client).await?;
     ensure_publication(client, cfg).await?;
     let coverage = coverage::verify(client, cfg).await?;
@@ -77,7 +77,7 @@ pub async fn prepare_logical(
     })
 }
 
-pub async fn check_wal_level(client: &impl GenericClient) -> Result<(), SourceError> {
+pub async fn check_wal_level(client: &impl GenericClient) -> Result<(), PgError> {
     let level: String = client
         .query_one("SHOW wal_level", &[])
         .await
@@ -92,7 +92,7 @@ pub async fn check_wal_level(client: &impl GenericClient) -> Result<(), SourceEr
 /// Creates the publication when it is missing and `source.create` allows. An existing one is
 /// never altered here (it may be shared, and is the owner's to change): whether it covers the
 /// outbox table is [`coverage::verify`]'s to say, with the statement that fixes it.
-async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result<(), SourceError> {
+async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result<(), PgError> {
     let publication = &cfg.source.publication;
     let exists = client
         .query_opt(
@@ -136,7 +136,7 @@ async fn ensure_publication(client: &impl GenericClient, cfg: &Config) -> Result
 pub async fn repair_publication(
     client: &impl GenericClient,
     cfg: &Config,
-) -> Result<Vec<String>, SourceError> {
+) -> Result<Vec<String>, PgError> {
     let (_, finding) = coverage::read(client, cfg).await?;
     let (Some(_), Some(publication)) = (finding.relid, &finding.publication) else {
         return Ok(Vec::new());
@@ -186,7 +186,7 @@ pub async fn repair_publication(
 }
 
 /// Returns the slot's confirmed position, creating the slot on the very first start.
-async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, SourceError> {
+async fn ensure_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, PgError> {
     let slot = &cfg.source.slot;
     let row = client
         .query_opt(
@@ -274,7 +274,7 @@ fn create_slot_sql(server_version_num: i32, in_recovery: bool) -> &'static str {
 pub const FAILOVER_SLOTS_VERSION: i32 = 170_000;
 
 /// `server_version_num` and whether the server is a standby.
-pub async fn server_version(client: &impl GenericClient) -> Result<(i32, bool), SourceError> {
+pub async fn server_version(client: &impl GenericClient) -> Result<(i32, bool), PgError> {
     let row = client
         .query_one(
             "SELECT current_setting('server_version_num')::int, pg_is_in_recovery()",
@@ -285,7 +285,7 @@ pub async fn server_version(client: &impl GenericClient) -> Result<(i32, bool), 
     Ok((row.get(0), row.get(1)))
 }
 
-async fn create_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, SourceError> {
+async fn create_slot(client: &impl GenericClient, cfg: &Config) -> Result<u64, PgError> {
     let slot = &cfg.source.slot;
     let (version, in_recovery) = server_version(client).await?;
     let created = client
@@ -345,7 +345,7 @@ async fn remember_slot(client: &impl GenericClient, slot: &str, position: u64) {
     }
 }
 
-pub(crate) fn parse_lsn(text: &str) -> Result<u64, SourceError> {
+pub(crate) fn parse_lsn(text: &str) -> Result<u64, PgError> {
     pgwire_replication::Lsn::parse(text)
         .map(|l| l.as_u64())
         .map_err(|_| {
@@ -446,7 +446,7 @@ pub async fn prepare_polling(
     client: &impl GenericClient,
     cfg: &Config,
     how: PollingSetup,
-) -> Result<PollingTable, SourceError> {
+) -> Result<PollingTable, PgError> {
     let table = table_sql(cfg);
     let rows = client
         .query(
@@ -562,7 +562,7 @@ pub async fn prepare_polling(
 }
 
 /// Whether the notify trigger exists on `table` (a catalog look-up: takes no table lock).
-async fn trigger_exists(client: &impl GenericClient, table: &str) -> Result<bool, SourceError> {
+async fn trigger_exists(client: &impl GenericClient, table: &str) -> Result<bool, PgError> {
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2)",
@@ -578,7 +578,7 @@ async fn txid_index_exists(
     client: &impl GenericClient,
     table: &str,
     txid: &str,
-) -> Result<bool, SourceError> {
+) -> Result<bool, PgError> {
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_index i \

@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::polling::Cursor;
+use super::Report;
 use crate::error::error_chain;
 use crate::metrics::Metrics;
-use crate::status::RelayState;
 
 /// How often pending rows are counted and the horizon is watched: a count is a scan.
 const INTERVAL: Duration = Duration::from_secs(5);
@@ -55,7 +55,7 @@ pub struct Backlog {
     /// The confirmed cursor, as the session persists it.
     pub cursor: watch::Receiver<Cursor>,
     pub metrics: Metrics,
-    pub state: Arc<RelayState>,
+    pub report: Arc<dyn Report>,
 }
 
 impl Backlog {
@@ -127,9 +127,9 @@ impl Backlog {
                 if horizon.should_log() {
                     tracing::warn!(xmin, held_back, stuck_secs = stuck_for.as_secs(), "{text}");
                 }
-                self.state.set_horizon_held_back(Some(text));
+                self.report.set_horizon_held_back(Some(text));
             }
-            None => self.state.set_horizon_held_back(None),
+            None => self.report.set_horizon_held_back(None),
         }
 
         let Some((sql, keep)) = &self.statements.retention else {

@@ -178,10 +178,10 @@ async fn connect(
             }
         }
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+    Ok(tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| SourceError::Timeout("connecting the leader session"))?
-        .map_err(pg("connecting the leader session"))
+        .map_err(pg("connecting the leader session"))?)
 }
 
 /// Drives the connection: forwards notifications as wake-ups; when the connection ends, the

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pgwire_replication::PgWireError;
-use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{UnitId, Watermark};
@@ -23,9 +22,9 @@ use crate::checkpoint::{UnitId, Watermark};
 use crate::config::Config;
 use crate::error::Definite;
 use crate::metrics::Metrics;
+use crate::postgres::PgError;
 use crate::route::{OutboxEvent, Routed, Router};
 use crate::sink::kafka::SinkError;
-use crate::status::RelayState;
 
 /// What a source session needs, shared across reconnects.
 pub struct Session {
@@ -33,7 +32,18 @@ pub struct Session {
     pub pool: deadpool_postgres::Pool,
     pub metrics: Metrics,
     pub router: Router,
-    pub state: Arc<RelayState>,
+    /// Where the source reports its progress (the relay's `/status`).
+    pub report: Arc<dyn Report>,
+}
+
+/// What a source reports for the status page: how far it has confirmed, and what holds the
+/// polling horizon back. The relay implements it for its state.
+pub trait Report: Send + Sync {
+    /// The confirmed position, as the source writes it.
+    fn set_position(&self, position: String);
+
+    /// Why the polling horizon is held back (an old transaction), or `None`.
+    fn set_horizon_held_back(&self, problem: Option<String>);
 }
 
 /// A source of committed outbox events, as the pipeline drives it.
@@ -208,6 +218,19 @@ impl From<SinkError> for SourceError {
     }
 }
 
+/// The same kind, with the same text: the policy treats a setup or coverage failure as it
+/// treats the source's own.
+impl From<PgError> for SourceError {
+    fn from(e: PgError) -> Self {
+        match e {
+            PgError::Definite(definite) => Self::Definite(definite),
+            PgError::Postgres { context, source } => Self::Postgres { context, source },
+            PgError::Pool(e) => Self::Pool(e),
+            PgError::ServerStopping => Self::ServerStopping,
+        }
+    }
+}
+
 impl SourceError {
     /// True when only the operator can fix it: the session delivers and confirms what
     /// precedes the cause before it ends.
@@ -217,19 +240,6 @@ impl SourceError {
 
     pub(crate) fn pool(e: deadpool_postgres::PoolError) -> Self {
         Self::Pool(e)
-    }
-
-    /// Whether Postgres is shutting down (SQLSTATE 57P03: new sessions refused, or 57P01:
-    /// ours ended by the administrator's shutdown).
-    pub(crate) fn server_stopping(&self) -> bool {
-        let source = match self {
-            Self::Postgres { source, .. } => source,
-            Self::Pool(deadpool_postgres::PoolError::Backend(source)) => source,
-            _ => return false,
-        };
-        source
-            .code()
-            .is_some_and(|c| *c == SqlState::CANNOT_CONNECT_NOW || *c == SqlState::ADMIN_SHUTDOWN)
     }
 
     /// Classifies an error from the replication connection.
@@ -256,28 +266,6 @@ impl SourceError {
             ReplicationFault::Transient => Self::Replication(e),
         }
     }
-}
-
-/// Classifies a failed statement by its SQLSTATE: a missing privilege (42501) is definite,
-/// anything else transient.
-pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    move |source| {
-        if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-            Definite::PermissionDenied {
-                context,
-                message: db_message(&source),
-            }
-            .into()
-        } else {
-            SourceError::Postgres { context, source }
-        }
-    }
-}
-
-/// The server's own message, without the SQLSTATE and position tokio-postgres adds.
-pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |db| db.message().to_owned())
 }
 
 /// What an error of the replication connection means.
@@ -403,6 +391,36 @@ mod tests {
             "s",
         );
         assert!(!transient.is_definite());
+    }
+
+    #[test]
+    fn a_postgres_error_keeps_its_kind_and_its_text() {
+        let query = || {
+            "port=not-a-number"
+                .parse::<tokio_postgres::Config>()
+                .expect_err("an invalid port")
+        };
+        let pool = || deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait);
+        let definite = || Definite::WalLevel {
+            level: "replica".into(),
+        };
+        let cases = [
+            PgError::Definite(definite()),
+            PgError::Postgres {
+                context: "reading wal_level",
+                source: query(),
+            },
+            PgError::Pool(pool()),
+            PgError::ServerStopping,
+        ];
+        for pg in cases {
+            // Same variant name and fields, same text, same policy.
+            let (debug, text, definite) = (format!("{pg:?}"), pg.to_string(), pg.is_definite());
+            let source = SourceError::from(pg);
+            assert_eq!(format!("{source:?}"), debug);
+            assert_eq!(source.to_string(), text);
+            assert_eq!(source.is_definite(), definite, "{source}");
+        }
     }
 
     #[test]

@@ -29,13 +29,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::backlog::{self, Backlog};
 use super::leader::Leadership;
-use super::{Publish, Session, Source, SourceError};
+use super::{Publish, Report, Session, Source, SourceError};
 use crate::checkpoint::{UnitId, Watermark};
 use crate::config::Config;
 use crate::error::{error_chain, Definite};
 use crate::postgres::setup::{self, pg, quote_ident, PollingSetup, PollingTable};
 use crate::route::OutboxEvent;
-use crate::status::RelayState;
 /// How long taking the lock and preparing may take before the session is retried.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A cursor write that takes longer means the leader connection is in trouble.
@@ -176,7 +175,7 @@ pub struct Polling {
     /// For the backlog watcher, until it starts.
     backlog: Option<(backlog::Statements, watch::Receiver<Cursor>)>,
     backlog_task: Option<(tokio::task::JoinHandle<()>, CancellationToken)>,
-    state: Arc<RelayState>,
+    report: Arc<dyn Report>,
 }
 
 impl Source for Polling {
@@ -226,12 +225,12 @@ impl Source for Polling {
             cursor_tx,
             backlog: Some((queries.backlog, cursor_rx)),
             backlog_task: None,
-            state: Arc::clone(&session.state),
+            report: Arc::clone(&session.report),
         })
     }
 
     fn start(&mut self, session: &Session) {
-        session.state.set_position(self.confirmed.to_string());
+        session.report.set_position(self.confirmed.to_string());
         tracing::info!(
             table = %self.cfg.source.table,
             from = %self.confirmed,
@@ -247,7 +246,7 @@ impl Source for Polling {
                     statements,
                     cursor,
                     metrics: session.metrics.clone(),
-                    state: Arc::clone(&session.state),
+                    report: Arc::clone(&session.report),
                 }
                 .run(stop.clone()),
             );
@@ -311,7 +310,7 @@ impl Source for Polling {
             self.confirmed = self.confirmed.max(cursor);
         }
         if self.persist().await? {
-            self.state.set_position(self.confirmed.to_string());
+            self.report.set_position(self.confirmed.to_string());
         }
         Ok(())
     }
@@ -342,7 +341,7 @@ impl Source for Polling {
             stop.cancel();
             let _ = task.await;
         }
-        self.state.set_horizon_held_back(None);
+        self.report.set_horizon_held_back(None);
     }
 }
 
@@ -364,7 +363,7 @@ async fn load_cursor(client: &tokio_postgres::Client, cfg: &Config) -> Result<Cu
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
             return Err(Definite::StateTableMissing.into())
         }
-        Err(e) => return Err(pg("creating the polling cursor")(e)),
+        Err(e) => return Err(pg("creating the polling cursor")(e).into()),
     }
     let row = client
         .query_one(
@@ -454,7 +453,7 @@ impl Polling {
                 // Found before the connection's driver said so: the lock went with it.
                 SourceError::LeaderLost(error_chain(&e))
             } else {
-                pg("persisting the polling cursor")(e)
+                pg("persisting the polling cursor")(e).into()
             }
         })?;
         if written != 1 {
@@ -470,7 +469,7 @@ fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
     row: &'a tokio_postgres::Row,
     index: usize,
 ) -> Result<T, SourceError> {
-    row.try_get(index).map_err(pg("decoding an outbox row"))
+    Ok(row.try_get(index).map_err(pg("decoding an outbox row"))?)
 }
 
 /// The payload: text (jsonb, json, text) or bytes (bytea), borrowed from the row.

@@ -59,13 +59,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::pgoutput::{self, Message};
 use super::values;
-use super::{Publish, Session, Source, SourceError};
+use super::{Publish, Report, Session, Source, SourceError};
 use crate::checkpoint::Watermark;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::postgres::coverage::Gate;
 use crate::route::{DeadLetterReason, Envelope, OutboxEvent};
-use crate::status::RelayState;
 use connection::*;
 use liveness::watch_stream;
 use rows::{row_event, OpenTransaction, OutboxColumns};
@@ -94,7 +93,7 @@ pub struct Logical {
     /// The coverage check and the watchdog, once started.
     watchers: Vec<tokio::task::JoinHandle<()>>,
     metrics: Metrics,
-    state: Arc<RelayState>,
+    report: Arc<dyn Report>,
 }
 
 impl Logical {
@@ -232,7 +231,8 @@ impl Logical {
             &self.cfg,
             start.relid,
             format_args!("{id}, in the transaction committed at {commit_lsn}"),
-        ))
+        )
+        .into())
     }
 
     fn ignored(&self, relation_id: u32, operation: &str) {
@@ -322,7 +322,7 @@ impl Source for Logical {
         let cfg = &session.config;
         let prepared = tokio::time::timeout(SETUP_TIMEOUT, async {
             let client = session.pool.get().await.map_err(SourceError::pool)?;
-            crate::postgres::setup::prepare_logical(&**client, cfg).await
+            Ok::<_, SourceError>(crate::postgres::setup::prepare_logical(&**client, cfg).await?)
         })
         .await
         .map_err(|_| SourceError::Timeout("preparing the slot"))??;
@@ -384,7 +384,7 @@ impl Source for Logical {
             status_interval,
             watchers: Vec::new(),
             metrics: session.metrics.clone(),
-            state: Arc::clone(&session.state),
+            report: Arc::clone(&session.report),
         })
     }
 
@@ -445,12 +445,12 @@ impl Source for Logical {
     /// outbox table is lost.
     async fn confirm(&mut self, acked: Option<u64>) -> Result<(), SourceError> {
         if let Some(lost) = self.coverage.lost() {
-            return Err(lost);
+            return Err(lost.into());
         }
         // Also when nothing new was acknowledged: the verified position may have moved on.
         self.advance(acked.unwrap_or(0));
         self.metrics.confirmed_lsn.set(self.confirmed as i64);
-        self.state
+        self.report
             .set_position(Lsn::from_u64(self.confirmed).to_string());
         Ok(())
     }
@@ -461,7 +461,7 @@ impl Source for Logical {
         // restart then resends nothing.
         self.confirm_acknowledged(watermark).await;
         if let Some(lost) = self.coverage.lost() {
-            return Err(lost);
+            return Err(lost.into());
         }
         tracing::info!(confirmed = %Lsn::from_u64(self.confirmed), "final position confirmed");
         self.stream
