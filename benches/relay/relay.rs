@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use testkit::{free_port, scrape, Relay, Tansu};
+use testkit::{free_port, relay_config, scrape, Relay, Tansu};
 
 use crate::procfs::{proc_cpu_ticks, proc_status_kb};
 use crate::{Env, PUBLICATION};
@@ -13,27 +13,7 @@ use crate::{Env, PUBLICATION};
 /// The relay's config for `slot` (also what the null consumer derives its replication
 /// settings from).
 pub fn relay_toml(url: &str, slot: &str, brokers: &str, http_port: u16) -> String {
-    format!(
-        r#"[postgres]
-url = "{url}"
-
-[source]
-mode = "logical"
-slot = "{slot}"
-publication = "{PUBLICATION}"
-create = true
-
-[kafka]
-brokers = "{brokers}"
-
-[http]
-listen = "127.0.0.1:{http_port}"
-
-[log]
-level = "info"
-{extra}"#,
-        extra = extra_kafka_properties()
-    )
+    relay_config(url, brokers, slot, PUBLICATION, http_port) + &extra_kafka_properties()
 }
 
 /// `RELAY_BENCH_KAFKA_PROPERTIES="linger.ms=1,batch.size=65536"`: producer settings for the
