@@ -354,3 +354,73 @@ fn tansu_can_be_paused_and_restarted() {
         "memory storage starts empty: {topics:?}"
     );
 }
+
+#[test]
+fn apache_kafka_round_trips_a_keyed_record_to_the_java_partition_and_keeps_it_across_a_restart() {
+    let mut kafka = Kafka::start();
+    let topic = unique_name("harness");
+    kafka.create_topic(&topic, 3);
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let key = "order-42";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let delivery = rt.block_on(producer.send(
+        FutureRecord::to(&topic).key(key).payload("{\"total\": 10}"),
+        Duration::from_secs(30),
+    ));
+    let delivered = delivery.unwrap_or_else(|(e, _)| panic!("delivery: {e}\n{}", kafka.log()));
+    assert_eq!(delivered.partition, java_partition(key.as_bytes(), 3));
+    drop(producer);
+
+    let port = kafka.port();
+    kafka.stop();
+    kafka.start_again();
+    assert_eq!(kafka.port(), port, "a restart keeps the port");
+    let records = consume(
+        &kafka.brokers(),
+        &[&topic],
+        |r| !r.is_empty(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(records.len(), 1, "the record survives a restart");
+    assert_eq!(records[0].key.as_deref(), Some(key.as_bytes()));
+}
+
+#[test]
+fn apache_kafka_does_not_create_topics_on_first_use() {
+    let kafka = Kafka::start();
+    let topic = unique_name("absent");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("message.timeout.ms", "5000")
+        .create()
+        .expect("producer");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let delivery = rt.block_on(producer.send(
+        FutureRecord::<str, str>::to(&topic).payload("x"),
+        Duration::from_secs(30),
+    ));
+    assert!(delivery.is_err(), "a record for a missing topic is refused");
+    let client: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("allow.auto.create.topics", "true")
+        .create()
+        .unwrap();
+    let md = {
+        use rdkafka::consumer::Consumer;
+        client
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata")
+    };
+    assert!(
+        md.topics()
+            .iter()
+            .all(|t| t.name() != topic || t.error().is_some()),
+        "the topic was not created"
+    );
+}

@@ -1,9 +1,11 @@
-//! The test kit: real Postgres, a real Kafka-protocol broker, the real binary, for the
+//! The test kit: real Postgres, real Kafka, the real binary, for the
 //! integration tests (`tests/`) and the benchmark (`benches/relay/`) alike.
 //!
 //! Every test binary does `use testkit::*;` and gets:
 //! - [`ThrowawayPostgres`]: a fresh cluster with `wal_level = logical` (the relay's own, which
 //!   its `demo` command runs too);
+//! - [`Kafka`]: Apache Kafka (KRaft, one node) as a child process, its jars fetched from Maven
+//!   Central by `testkit/kafka/pom.xml`; its data survives a restart;
 //! - [`Tansu`]: the `tansu` broker (Kafka protocol, in-memory storage) as a child process;
 //! - [`Relay`]: `outbox-relay run` as a child process, killable with SIGKILL or SIGTERM
 //!   ([`relay_bin`] finds the binary cargo built for the test or benchmark);
@@ -29,6 +31,7 @@ pub use outbox_relay::demo::postgres::{free_port, PostgresOptions, ThrowawayPost
 
 mod consume;
 mod http;
+mod kafka;
 mod process;
 mod proxy;
 mod relay;
@@ -37,6 +40,7 @@ mod world;
 
 pub use consume::{consume, java_partition, murmur2, Record};
 pub use http::{http_get, metric, ready, scrape, status};
+pub use kafka::{java_bin, kafka_libs, Kafka, KafkaOptions, KAFKA_VERSION};
 pub use process::Proc;
 pub use proxy::Proxy;
 pub use relay::{relay_bin, relay_cli, relay_config, Relay};
@@ -94,4 +98,47 @@ fn client_config(brokers: &str) -> ClientConfig {
         .set("socket.timeout.ms", "10000")
         .set("broker.address.family", "v4");
     config
+}
+
+/// Waits (up to 30 s) until `topic`'s metadata shows `partitions` partitions.
+fn wait_for_partitions(brokers: &str, topic: &str, partitions: i32) -> Result<(), String> {
+    let consumer: rdkafka::consumer::BaseConsumer = client_config(brokers)
+        .create()
+        .map_err(|e| format!("client: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while partition_count(&consumer, topic) != Some(partitions as usize) {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "timed out after 30s waiting for topic {topic} with {partitions} partitions"
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+fn partition_count(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> Option<usize> {
+    use rdkafka::consumer::Consumer;
+    let md = consumer.fetch_metadata(None, Duration::from_secs(5)).ok()?;
+    let t = md.topics().iter().find(|t| t.name() == topic)?;
+    if t.error().is_some() {
+        return None;
+    }
+    Some(t.partitions().len())
+}
+
+/// Runs `f` on a fresh thread with its own tokio runtime, so that it works from sync tests and
+/// from inside `#[tokio::test]` alike.
+fn block_on<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(f)
+        })
+        .join()
+        .expect("harness thread panicked")
+    })
 }

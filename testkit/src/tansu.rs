@@ -156,7 +156,7 @@ impl Tansu {
             .create()
             .map_err(|e| format!("admin client: {e}"))?;
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        let results = block_on(admin.create_topics([&topic], &AdminOptions::new()))
+        let results = crate::block_on(admin.create_topics([&topic], &AdminOptions::new()))
             .map_err(|e| format!("create topic {name}: {e}\n{}", self.log_tail()))?;
         for result in results {
             match result {
@@ -164,19 +164,7 @@ impl Tansu {
                 Err((topic, code)) => return Err(format!("create topic {topic}: {code}")),
             }
         }
-        let consumer: BaseConsumer = client_config(&self.brokers())
-            .create()
-            .map_err(|e| format!("client: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while partition_count(&consumer, name) != Some(partitions as usize) {
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "timed out after 30s waiting for topic {name} with {partitions} partitions"
-                ));
-            }
-            std::thread::sleep(POLL);
-        }
-        Ok(())
+        crate::wait_for_partitions(&self.brokers(), name, partitions)
     }
 
     fn log_tail(&self) -> String {
@@ -287,30 +275,5 @@ pub fn try_tansu_bin() -> Result<PathBuf, String> {
             "tansu not found (TANSU_BIN, PATH, ~/.cargo/bin): install it with \
              `cargo install tansu --locked --features dynostore --version {TANSU_VERSION}`"
         )
-    })
-}
-
-fn partition_count(consumer: &BaseConsumer, topic: &str) -> Option<usize> {
-    let md = consumer.fetch_metadata(None, Duration::from_secs(5)).ok()?;
-    let t = md.topics().iter().find(|t| t.name() == topic)?;
-    if t.error().is_some() {
-        return None;
-    }
-    Some(t.partitions().len())
-}
-
-/// Runs `f` on a fresh thread with its own tokio runtime, so that it works from sync tests and
-/// from inside `#[tokio::test]` alike.
-fn block_on<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime")
-                .block_on(f)
-        })
-        .join()
-        .expect("harness thread panicked")
     })
 }
