@@ -20,7 +20,8 @@
 //! Reading order: `source` (where rows come from, and the `Source` contract), `pipeline` (the
 //! one loop that drives a source into the sink: drain, then confirm), `route` (row to record),
 //! `sink` (Kafka), `checkpoint` (what may be confirmed), `relay` (the lifecycle around them),
-//! `policy` (what a failure means). Which module may import which is pinned by
+//! `policy` (what a failure means: a session ends with the pipeline's `SessionError`, the
+//! source's fault or the sink's; sources never see the sink's). Which module may import which is pinned by
 //! `tests/architecture.rs`.
 
 pub mod checkpoint;

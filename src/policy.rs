@@ -1,5 +1,6 @@
-//! The error policy: what the relay does when a source session ends with an error. One
-//! exhaustive `match` from error kind to [`Directive`], so a new kind of error cannot be added
+//! The error policy: what the relay does when a session ends with an error
+//! ([`SessionError`]: the source's fault or the sink's). One exhaustive `match` from error
+//! kind to [`Directive`], over every kind of both, so a new kind of error cannot be added
 //! without deciding it here.
 //!
 //! - **Retry**: a transient fault (a connection dropped, a timeout, Kafka unreachable). The
@@ -11,6 +12,7 @@
 //!   the relay stays up, not ready, and says what is wrong and how to fix it.
 
 use crate::error::Definite;
+use crate::pipeline::SessionError;
 use crate::sink::kafka::SinkError;
 use crate::source::SourceError;
 
@@ -26,34 +28,34 @@ pub enum Directive {
 }
 
 /// The directive for `error`.
-pub fn directive(error: &SourceError) -> Directive {
+pub fn directive(error: &SessionError) -> Directive {
     match error {
-        SourceError::Definite(definite) => halt(definite),
-        SourceError::SlotBusy { .. } | SourceError::LeaderBusy { .. } => Directive::Standby,
-        SourceError::LeaderLost(_)
-        | SourceError::Postgres { .. }
-        | SourceError::Pool(_)
-        | SourceError::Replication(_)
-        | SourceError::StreamEnded
-        | SourceError::Timeout(_)
-        | SourceError::StreamLost
-        | SourceError::ServerStopping
-        | SourceError::Decode(_) => Directive::Retry,
-        SourceError::Sink(sink) => sink_directive(sink),
-    }
-}
-
-fn sink_directive(error: &SinkError) -> Directive {
-    match error {
-        SinkError::Definite(definite) => halt(definite),
-        SinkError::Create(_)
-        | SinkError::Produce(_)
-        | SinkError::CreateTopic { .. }
-        | SinkError::Delivery(_)
-        | SinkError::Stopped(_)
-        | SinkError::QueueFullAtShutdown
-        | SinkError::LeadershipLost
-        | SinkError::BatchTooLarge { .. } => Directive::Retry,
+        SessionError::Source(SourceError::Definite(definite))
+        | SessionError::Sink(SinkError::Definite(definite)) => halt(definite),
+        SessionError::Source(SourceError::SlotBusy { .. } | SourceError::LeaderBusy { .. }) => {
+            Directive::Standby
+        }
+        SessionError::Source(
+            SourceError::LeaderLost(_)
+            | SourceError::Postgres { .. }
+            | SourceError::Pool(_)
+            | SourceError::Replication(_)
+            | SourceError::StreamEnded
+            | SourceError::Timeout(_)
+            | SourceError::StreamLost
+            | SourceError::ServerStopping
+            | SourceError::Decode(_),
+        ) => Directive::Retry,
+        SessionError::Sink(
+            SinkError::Create(_)
+            | SinkError::Produce(_)
+            | SinkError::CreateTopic { .. }
+            | SinkError::Delivery(_)
+            | SinkError::Stopped(_)
+            | SinkError::QueueFullAtShutdown
+            | SinkError::LeadershipLost
+            | SinkError::BatchTooLarge { .. },
+        ) => Directive::Retry,
     }
 }
 
@@ -91,7 +93,53 @@ mod tests {
         text.to_owned()
     }
 
-    fn rows() -> Vec<(SourceError, Expect)> {
+    /// Every kind of both sides: each variant of [`SourceError`] and of [`SinkError`] has a row.
+    fn rows() -> Vec<(SessionError, Expect)> {
+        let mut rows: Vec<_> = source_rows()
+            .into_iter()
+            .map(|(e, expect)| (SessionError::Source(e), expect))
+            .collect();
+        rows.extend(sink_rows());
+        rows
+    }
+
+    fn sink_rows() -> Vec<(SessionError, Expect)> {
+        use Expect::*;
+        let sink = SessionError::Sink;
+        vec![
+            // Transient: resend from the confirmed position.
+            (sink(SinkError::Create(kafka_error())), Retry),
+            (sink(SinkError::Produce(kafka_error())), Retry),
+            (
+                sink(SinkError::CreateTopic {
+                    topic: s("t"),
+                    reason: s("denied"),
+                }),
+                Retry,
+            ),
+            (sink(SinkError::Delivery(s("timed out"))), Retry),
+            (sink(SinkError::Stopped(s("t"))), Retry),
+            (sink(SinkError::QueueFullAtShutdown), Retry),
+            (sink(SinkError::LeadershipLost), Retry),
+            (
+                sink(SinkError::BatchTooLarge {
+                    topic: s("t"),
+                    cap: 1000,
+                }),
+                Retry,
+            ),
+            // The dead-letter topic refused a record for good: halt with the fix.
+            (
+                sink(SinkError::Definite(Definite::DeadLetterRefused {
+                    topic: s("dlq"),
+                    error: s("too large"),
+                })),
+                Halt("let the topic take it (its max.message.bytes, policy or ACLs)"),
+            ),
+        ]
+    }
+
+    fn source_rows() -> Vec<(SourceError, Expect)> {
         use Expect::*;
         let definite = |d: Definite| SourceError::Definite(d);
         vec![
@@ -124,37 +172,6 @@ mod tests {
             (
                 SourceError::Decode(crate::source::pgoutput::DecodeError::Empty),
                 Retry,
-            ),
-            (SourceError::Sink(SinkError::Create(kafka_error())), Retry),
-            (SourceError::Sink(SinkError::Produce(kafka_error())), Retry),
-            (
-                SourceError::Sink(SinkError::CreateTopic {
-                    topic: s("t"),
-                    reason: s("denied"),
-                }),
-                Retry,
-            ),
-            (
-                SourceError::Sink(SinkError::Delivery(s("timed out"))),
-                Retry,
-            ),
-            (SourceError::Sink(SinkError::Stopped(s("t"))), Retry),
-            (SourceError::Sink(SinkError::QueueFullAtShutdown), Retry),
-            (SourceError::Sink(SinkError::LeadershipLost), Retry),
-            (
-                SourceError::Sink(SinkError::BatchTooLarge {
-                    topic: s("t"),
-                    cap: 1000,
-                }),
-                Retry,
-            ),
-            // Definite: halt with the fix.
-            (
-                SourceError::Sink(SinkError::Definite(Definite::DeadLetterRefused {
-                    topic: s("dlq"),
-                    error: s("too large"),
-                })),
-                Halt("let the topic take it (its max.message.bytes, policy or ACLs)"),
             ),
             (
                 definite(Definite::PostgresUrl {

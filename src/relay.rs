@@ -52,6 +52,8 @@ pub enum RunError {
     Pool(#[from] crate::postgres::PoolError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Session(#[from] pipeline::SessionError),
 }
 
 /// A setup step of a command failed: the same error a session would end with.

@@ -6,11 +6,14 @@
 //! acknowledged position from the watermark and has the source confirm it; on shutdown it
 //! lets the source reach a transaction boundary, drains every ack, and only then confirms the
 //! final position (drain-then-confirm). `run.rs` is the loop, `sink.rs` the sink contract and
-//! its Kafka implementation, `publisher.rs` what a source publishes into.
+//! its Kafka implementation, `publisher.rs` what a source publishes into, `error.rs` why a
+//! session ends ([`SessionError`]: the source's fault or the sink's; sources never see the
+//! sink's, they pass the publisher's error on).
 //!
 //! Generic over both sides (no `dyn`): the hot path compiles to the same code as a source
 //! that called the Kafka sink itself.
 
+mod error;
 mod publisher;
 mod run;
 mod sink;
@@ -23,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Watermark;
 use crate::sink::kafka::{KafkaSink, Shared};
-use crate::source::{Session, Source, SourceError};
+use crate::source::{Session, Source};
 use crate::status::RelayState;
 
+pub use error::SessionError;
 pub use run::Pipeline;
 pub use sink::Sink;
 
@@ -34,7 +38,7 @@ pub async fn run_session<S: Source>(
     session: &Session,
     state: &Arc<RelayState>,
     shutdown: &CancellationToken,
-) -> Result<(), SourceError> {
+) -> Result<(), SessionError> {
     let mut source = S::prepare(session, shutdown).await?;
     let watermark = Arc::new(Watermark::new());
     let shared = Shared::new(Arc::clone(&watermark), session.metrics.clone());

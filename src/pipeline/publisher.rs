@@ -2,12 +2,13 @@
 
 use std::time::Instant;
 
+use super::error::SessionError;
 use super::sink::Sink;
 use crate::checkpoint::{UnitId, Watermark};
 use crate::config::OnInvalid;
 use crate::error::Definite;
 use crate::route::{OutboxEvent, Routed, Router};
-use crate::source::{Publish, SourceError};
+use crate::source::Publish;
 
 /// The pipeline's [`Publish`] for one [`crate::source::Source::pump`].
 pub(super) struct Publisher<'a, P, K> {
@@ -45,6 +46,9 @@ where
     P: Copy + Ord + Send + Sync,
     K: Sink<P>,
 {
+    /// The sink's faults, and the source's passed through.
+    type Error = SessionError;
+
     fn open(&mut self, committed_at: Option<Instant>) -> UnitId {
         self.watermark.lock().open(committed_at)
     }
@@ -53,7 +57,7 @@ where
         self.watermark.lock().seal(unit, end);
     }
 
-    async fn publish(&mut self, unit: UnitId, event: OutboxEvent<'_>) -> Result<(), SourceError> {
+    async fn publish(&mut self, unit: UnitId, event: OutboxEvent<'_>) -> Result<(), SessionError> {
         let routed = self.router.route(event);
         self.publish_routed(unit, routed).await
     }
@@ -62,7 +66,7 @@ where
         &mut self,
         unit: UnitId,
         routed: Routed<'_>,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), SessionError> {
         halt_if_invalid(self.on_invalid, &routed)?;
         Ok(self.sink.send(unit, routed).await?)
     }
@@ -83,7 +87,7 @@ where
 
 /// With `on_invalid = "halt"`, an invalid event stops the relay before anything past it is
 /// confirmed; otherwise it goes on to the dead-letter topic.
-fn halt_if_invalid(on_invalid: OnInvalid, routed: &Routed<'_>) -> Result<(), SourceError> {
+fn halt_if_invalid(on_invalid: OnInvalid, routed: &Routed<'_>) -> Result<(), SessionError> {
     if on_invalid != OnInvalid::Halt {
         return Ok(());
     }
@@ -96,10 +100,12 @@ fn halt_if_invalid(on_invalid: OnInvalid, routed: &Routed<'_>) -> Result<(), Sou
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default()
     };
-    Err(Definite::InvalidEvent {
-        id: text("id"),
-        reason: reason.to_string(),
-        error: text("dlq_error"),
-    }
-    .into())
+    Err(SessionError::Source(
+        Definite::InvalidEvent {
+            id: text("id"),
+            reason: reason.to_string(),
+            error: text("dlq_error"),
+        }
+        .into(),
+    ))
 }

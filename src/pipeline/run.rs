@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::error::SessionError;
 use super::publisher::Publisher;
 use super::sink::Sink;
 use crate::checkpoint::Watermark;
@@ -13,7 +14,7 @@ use crate::error::error_chain;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::sink::kafka::SinkError;
-use crate::source::{Source, SourceError};
+use crate::source::Source;
 
 /// How often acknowledged positions are confirmed and gauges refreshed.
 const TICK: Duration = Duration::from_millis(50);
@@ -53,7 +54,7 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
 
     /// Runs until shutdown (Ok, after [`Source::finish`]) or a fault (Err). The caller then
     /// calls [`Self::end`] with the result.
-    pub async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), SourceError> {
+    pub async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), SessionError> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
@@ -75,7 +76,7 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                     stopping = true;
                 }
                 // 2. The source's connection or leadership is gone.
-                _ = &mut lost => return Err(self.source.lost_error()),
+                _ = &mut lost => return Err(self.source.lost_error().into()),
                 // 3. Records Kafka refused for their content go to the dead-letter topic.
                 Some(refused) = self.sink.refused() => {
                     self.sink.redirect(refused, &self.router).await?;
@@ -84,7 +85,7 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                 _ = tick.tick() => {
                     self.confirm().await?;
                     if let Some(failure) = self.sink.failure() {
-                        return Err(SourceError::Sink(SinkError::Delivery(failure)));
+                        return Err(SinkError::Delivery(failure).into());
                     }
                 }
                 // 5. New data.
@@ -105,7 +106,7 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
     }
 
     /// Has the source confirm what is acknowledged; refreshes the pipeline's gauges.
-    async fn confirm(&mut self) -> Result<(), SourceError> {
+    async fn confirm(&mut self) -> Result<(), SessionError> {
         let (acked, inflight, oldest) = {
             let mut checkpoint = self.watermark.lock();
             (
@@ -127,11 +128,11 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
     }
 
     /// Shutdown at a boundary: drains every ack, then confirms the final position.
-    async fn finish(&mut self) -> Result<(), SourceError> {
+    async fn finish(&mut self) -> Result<(), SessionError> {
         self.sink
             .drain(&self.router, Instant::now() + DRAIN_DEADLINE)
             .await?;
-        self.source.finish(&self.watermark).await
+        Ok(self.source.finish(&self.watermark).await?)
     }
 
     /// Ends the session after [`Self::run`] returned `result`: stops the source's watchers;
@@ -139,7 +140,7 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
     /// before it) and confirms everything acknowledged, so that fixing the cause and
     /// restarting resends nothing (the transaction holding the cause is never sealed, so the
     /// watermark stops before it); after any fault drops what the sink still holds.
-    pub async fn end(&mut self, result: &Result<(), SourceError>) {
+    pub async fn end(&mut self, result: &Result<(), SessionError>) {
         self.source.stop().await;
         match result {
             Ok(()) => {}

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Pipeline, Sink};
+use super::{Pipeline, SessionError, Sink};
 use crate::checkpoint::{UnitId, Watermark};
 use crate::config::{Config, OnInvalid};
 use crate::error::Definite;
@@ -91,7 +91,7 @@ impl Source for FakeSource {
         &mut self,
         step: Step,
         out: &mut W,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), W::Error> {
         match step {
             Step::Begin => self.open = Some(out.open(Some(Instant::now()))),
             Step::Event(id) => {
@@ -103,11 +103,11 @@ impl Source for FakeSource {
                 out.seal(unit, end);
             }
             Step::Invalid => {
-                return Err(Definite::InvalidEvent {
+                return Err(SourceError::from(Definite::InvalidEvent {
                     id: "bad".into(),
                     reason: "invalid_payload".into(),
                     error: "not JSON".into(),
-                }
+                })
                 .into())
             }
             Step::Idle(position) => out.idle_at(position),
@@ -170,6 +170,8 @@ struct Broker {
     auto_ack: bool,
     /// The event whose send fails.
     fail_on: Option<&'static str>,
+    /// The event the sink refuses for good (the dead-letter topic would not take it).
+    refuse_on: Option<&'static str>,
     purged: bool,
 }
 
@@ -189,6 +191,12 @@ impl Sink<u64> for FakeSink {
         let mut broker = self.broker.lock().unwrap();
         if broker.fail_on == Some(id.as_str()) {
             return Err(SinkError::Delivery(format!("{id} refused")));
+        }
+        if broker.refuse_on == Some(id.as_str()) {
+            return Err(SinkError::Definite(Definite::DeadLetterRefused {
+                topic: "dlq".into(),
+                error: format!("{id} too large"),
+            }));
         }
         self.watermark.lock().add(unit);
         broker.sent.push((unit, id));
@@ -239,7 +247,7 @@ struct Harness {
     watermark: Arc<Watermark<u64>>,
     shutdown: CancellationToken,
     lost: CancellationToken,
-    session: JoinHandle<Result<(), SourceError>>,
+    session: JoinHandle<Result<(), SessionError>>,
 }
 
 impl Harness {
@@ -325,7 +333,7 @@ impl Harness {
         }
     }
 
-    async fn ended(mut self) -> (Result<(), SourceError>, Self) {
+    async fn ended(mut self) -> (Result<(), SessionError>, Self) {
         let result = tokio::time::timeout(Duration::from_secs(10), &mut self.session)
             .await
             .expect("the session ends")
@@ -384,7 +392,7 @@ async fn a_failure_mid_transaction_confirms_nothing_of_it() {
     let (result, h) = h.ended().await;
     let error = result.unwrap_err();
     assert!(
-        matches!(error, SourceError::Sink(SinkError::Delivery(_))),
+        matches!(error, SessionError::Sink(SinkError::Delivery(_))),
         "{error}"
     );
     assert!(!error.is_definite());
@@ -454,6 +462,44 @@ async fn halt_confirms_what_was_acknowledged_and_nothing_past_the_cause() {
     );
 }
 
+/// The sink's definite fault reaches the pipeline through the source unchanged: the session
+/// halts as on the source's own (drains, confirms what precedes the cause); another sink
+/// fault only ends it (`a_failure_mid_transaction_confirms_nothing_of_it`).
+#[tokio::test]
+async fn a_sink_fault_for_good_halts_like_a_definite_source_error() {
+    let h = Harness::start(Broker {
+        refuse_on: Some("c"),
+        ..Broker::default()
+    });
+    h.feed([
+        Step::Begin,
+        Step::Event("a"),
+        Step::Commit(10),
+        Step::Begin,
+        Step::Event("b"),
+        Step::Event("c"),
+        Step::Commit(20),
+    ]);
+    let (result, h) = h.ended().await;
+    let error = result.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            SessionError::Sink(SinkError::Definite(Definite::DeadLetterRefused { .. }))
+        ),
+        "{error}"
+    );
+    assert!(error.is_definite(), "{error}");
+    assert_eq!(h.sent(), ["a", "b"]);
+    let log = h.log.lock().unwrap();
+    assert!(log.settled && !log.finished && log.aborted && log.stopped);
+    assert_eq!(
+        log.last(),
+        10,
+        "what precedes the cause's transaction, drained and confirmed"
+    );
+}
+
 #[tokio::test]
 async fn an_idle_position_is_confirmed_only_with_nothing_pending() {
     let h = Harness::start(Broker::default());
@@ -486,7 +532,10 @@ async fn a_lost_source_ends_the_session_and_drops_what_is_in_flight() {
     h.until("the event sent", |h| h.sent().len() == 1).await;
     h.lost.cancel();
     let (result, h) = h.ended().await;
-    assert!(matches!(result, Err(SourceError::StreamLost)));
+    assert!(matches!(
+        result,
+        Err(SessionError::Source(SourceError::StreamLost))
+    ));
     assert_eq!(h.confirmed(), 0, "nothing acknowledged, nothing confirmed");
     let log = h.log.lock().unwrap();
     assert!(log.aborted && !log.settled && !log.finished);

@@ -2,6 +2,10 @@
 //! decoded by `pgoutput`) or the polling reader (`polling`, led by whoever holds the `leader`
 //! lock). Both implement the [`Source`] contract, which `crate::pipeline` drives;
 //! [`crate::postgres`] prepares the database objects they need.
+//!
+//! Sources know nothing of the sink: they publish into a [`Publish`], whose error type the
+//! pipeline chooses (it carries the sink's faults); a source's own faults are
+//! [`SourceError`]s, which that error type takes in (`?` works on both).
 
 pub mod backlog;
 pub mod leader;
@@ -24,7 +28,6 @@ use crate::error::Definite;
 use crate::metrics::Metrics;
 use crate::postgres::PgError;
 use crate::route::{OutboxEvent, Routed, Router};
-use crate::sink::kafka::SinkError;
 
 /// What a source session needs, shared across reconnects.
 pub struct Session {
@@ -101,12 +104,13 @@ pub trait Source: Send + Sized {
     /// Waits until there is something to read. Cancel-safe.
     fn next(&mut self) -> impl Future<Output = Result<Self::Input, SourceError>> + Send;
 
-    /// Reads `input` and publishes its events, in commit order, into `out`.
+    /// Reads `input` and publishes its events, in commit order, into `out`. Fails with the
+    /// publisher's error: the source's own faults, converted, or what publishing failed with.
     fn pump<W: Publish<Self::Position> + Send>(
         &mut self,
         input: Self::Input,
         out: &mut W,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    ) -> impl Future<Output = Result<(), W::Error>> + Send;
 
     /// True when no transaction is open: shutdown may stop here.
     fn at_boundary(&self) -> bool;
@@ -137,6 +141,11 @@ pub trait Source: Send + Sized {
 
 /// Where a source publishes: the pipeline's watermark, router and sink.
 pub trait Publish<P> {
+    /// Why publishing failed, or the session otherwise ends inside [`Source::pump`]: the
+    /// publisher's own faults (the sink's), and the source's, converted with `?`. A source
+    /// passes it on unchanged; only the pipeline looks inside.
+    type Error: From<SourceError> + Send;
+
     /// Opens a watermark unit for a transaction committed at `committed_at` (for latency).
     fn open(&mut self, committed_at: Option<Instant>) -> UnitId;
 
@@ -149,14 +158,14 @@ pub trait Publish<P> {
         &mut self,
         unit: UnitId,
         event: OutboxEvent<'_>,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Sends a record already routed (a dead letter the source built) as part of `unit`.
     fn publish_routed(
         &mut self,
         unit: UnitId,
         routed: Routed<'_>,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// The router, for dead letters the source builds itself.
     fn router(&self) -> &Router;
@@ -167,7 +176,9 @@ pub trait Publish<P> {
     fn idle_at(&mut self, position: P);
 }
 
-/// Why a session ended. What the relay does about it (retry, stand by, halt) is
+/// Why a source failed: its connection, its database, its stream, or something only the
+/// operator can fix. A session ends with it (inside `crate::pipeline::SessionError`, beside
+/// the sink's faults); what the relay does about it (retry, stand by, halt) is
 /// [`crate::policy`]'s to decide.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -204,18 +215,6 @@ pub enum SourceError {
     ServerStopping,
     #[error("cannot decode a pgoutput message")]
     Decode(#[source] pgoutput::DecodeError),
-    /// A transient Kafka fault (a definite one arrives as [`SourceError::Definite`]).
-    #[error(transparent)]
-    Sink(SinkError),
-}
-
-impl From<SinkError> for SourceError {
-    fn from(e: SinkError) -> Self {
-        match e {
-            SinkError::Definite(definite) => Self::Definite(definite),
-            e => Self::Sink(e),
-        }
-    }
 }
 
 /// The same kind, with the same text: the policy treats a setup or coverage failure as it
@@ -235,7 +234,7 @@ impl SourceError {
     /// True when only the operator can fix it: the session delivers and confirms what
     /// precedes the cause before it ends.
     pub fn is_definite(&self) -> bool {
-        matches!(self, Self::Definite(_) | Self::Sink(SinkError::Definite(_)))
+        matches!(self, Self::Definite(_))
     }
 
     pub(crate) fn pool(e: deadpool_postgres::PoolError) -> Self {
@@ -421,23 +420,5 @@ mod tests {
             assert_eq!(source.to_string(), text);
             assert_eq!(source.is_definite(), definite, "{source}");
         }
-    }
-
-    #[test]
-    fn a_refused_dead_letter_becomes_definite_and_other_sink_errors_stay_transient() {
-        let refused: SourceError = SinkError::Definite(Definite::DeadLetterRefused {
-            topic: "dlq".into(),
-            error: "too large".into(),
-        })
-        .into();
-        assert!(matches!(
-            refused,
-            SourceError::Definite(Definite::DeadLetterRefused { .. })
-        ));
-        let delivery: SourceError = SinkError::Delivery("broker down".into()).into();
-        assert!(matches!(
-            delivery,
-            SourceError::Sink(SinkError::Delivery(_))
-        ));
     }
 }

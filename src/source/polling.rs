@@ -278,7 +278,7 @@ impl Source for Polling {
         &mut self,
         (): (),
         out: &mut W,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), W::Error> {
         let batch = self.cfg.source.batch_size as i64;
         let rows = self
             .reader
@@ -287,7 +287,7 @@ impl Source for Polling {
                 &[&self.read_from.txid, &self.read_from.seq, &batch],
             )
             .await
-            .map_err(pg("reading the outbox"))?;
+            .map_err(|e| SourceError::from(pg("reading the outbox")(e)))?;
         // A full batch means more is waiting: read on at once.
         let wait = if rows.len() as i64 >= batch {
             Duration::ZERO
@@ -389,7 +389,7 @@ impl Polling {
         &mut self,
         rows: &[tokio_postgres::Row],
         out: &mut W,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), W::Error> {
         let mut open: Option<(UnitId, Cursor)> = None;
         for row in rows {
             let at = Cursor {

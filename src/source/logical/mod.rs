@@ -112,7 +112,7 @@ impl Logical {
         &mut self,
         event: ReplicationEvent,
         out: &mut W,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), W::Error> {
         tracing::trace!(?event, "replication event");
         match event {
             ReplicationEvent::Begin {
@@ -180,7 +180,7 @@ impl Logical {
         &mut self,
         message: Message<'_>,
         out: &mut W,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), W::Error> {
         match message {
             Message::Relation(relation) => {
                 let (schema, table) = self.cfg.source.table_parts();
@@ -252,7 +252,7 @@ impl Logical {
         commit_lsn: &str,
         commit_ms: i64,
         out: &mut W,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), W::Error> {
         let routed = match Envelope::parse(content) {
             Ok(envelope) => {
                 let event = OutboxEvent {
@@ -431,7 +431,7 @@ impl Source for Logical {
         &mut self,
         event: ReplicationEvent,
         out: &mut W,
-    ) -> Result<(), SourceError> {
+    ) -> Result<(), W::Error> {
         self.received.fetch_add(1, Ordering::Relaxed);
         self.handle(event, out).await
     }
