@@ -11,7 +11,8 @@
 //! - `config` does not use TLS (it validates `postgres.url` without reading files);
 //! - no module but `main.rs` uses `commands` or `demo` (the demo may run `init`: it is an
 //!   entry point of its own);
-//! - the top-level modules import each other without a cycle.
+//! - the top-level modules import each other without a cycle;
+//! - no source file is over 600 lines outside its `#[cfg(test)]` module.
 //!
 //! No edge breaks a rule today. One that must exist for a while goes into [`ALLOWED`] with the
 //! change that removes it. The test fails on any forbidden edge not listed, and on a listed edge
@@ -174,6 +175,61 @@ fn the_reader_finds_every_form_of_path() {
 }
 
 /// Every edge of the crate: (module of the file, the path it names), both without `crate::`.
+/// Most lines a source file may have outside its `#[cfg(test)]` module: a file that grows
+/// past it holds more than one role, and is split.
+const MAX_LINES: usize = 600;
+
+#[test]
+fn no_source_file_is_over_600_lines_outside_its_tests() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut long = Vec::new();
+    for file in &files {
+        if is_test_only(file) {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).unwrap();
+        let lines = without_tests(&text).lines().count();
+        if lines > MAX_LINES {
+            long.push(format!("{} ({lines} lines)", file.display()));
+        }
+    }
+    assert!(files.len() > 20, "no files read: is src/ where it was?");
+    assert!(
+        long.is_empty(),
+        "over {MAX_LINES} lines outside #[cfg(test)]: split by role:\n  {}",
+        long.join("\n  ")
+    );
+}
+
+/// A file its parent declares as `#[cfg(test)] mod NAME;` (unit tests, test-only encoders).
+fn is_test_only(file: &Path) -> bool {
+    let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+    let dir = file.parent().unwrap();
+    let parents = [
+        dir.join("mod.rs"),
+        dir.with_extension("rs"),
+        dir.join("lib.rs"),
+    ];
+    parents
+        .iter()
+        .filter(|p| p.as_path() != file)
+        .any(|parent| {
+            let Ok(text) = std::fs::read_to_string(parent) else {
+                return false;
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            lines.windows(2).any(|pair| {
+                pair[0] == "#[cfg(test)]"
+                    && pair[1]
+                        .trim_start_matches("pub(crate) ")
+                        .trim_start_matches("pub ")
+                        == format!("mod {name};")
+            })
+        })
+}
+
 fn edges() -> BTreeSet<(String, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
