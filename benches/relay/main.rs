@@ -37,11 +37,15 @@
 //! under test (`relay`), what is read from `/proc` and `/metrics` (`procfs`, `metrics`) and the
 //! `report`; Postgres, the broker and child processes come from the test kit (`testkit/`).
 
+#![recursion_limit = "256"]
+
 mod backlog;
 mod broker;
+mod debezium;
 mod decode;
 mod latency;
 mod metrics;
+mod observe;
 mod peer;
 mod procfs;
 mod relay;
@@ -58,12 +62,13 @@ use testkit::{try_tansu_bin, PostgresOptions, ThrowawayPostgres};
 use tokio::runtime::Runtime;
 
 use backlog::{connect, drain_relay, write_backlog, Slots};
-use broker::{broker_ceiling, start_tansu};
+use broker::{broker_ceiling, start_kafka, start_kafka_with, start_tansu};
+use debezium::{debezium_latency, drain_debezium, setup_debezium, DEBEZIUM_PUBLICATION};
 use decode::{null_consume_on_own_thread, recvlogical_ceiling};
 use latency::{latency_floor, latency_run};
-use peer::{run_peer, setup_peer};
+use peer::{peer_latency, run_peer, setup_peer};
 use procfs::clock_ticks;
-use report::{report, Latency, Peer, Shape};
+use report::{report, Extras, Latency, PeerRuns, Shape};
 
 /// The relay's allocator, so the null consumer and the plain producer pay what the relay pays.
 #[global_allocator]
@@ -154,6 +159,10 @@ struct Opts {
     events: u64,
     latency_rate: u64,
     latency_secs: u64,
+    /// The relay's second latency point (SPEC §9: p99 under 25 ms at 20,000 events/s).
+    latency_rate_high: u64,
+    /// `--no-peers`: measure the relay alone (no Debezium, no script).
+    peers: bool,
     /// `--only PARTS`: run just these parts (while iterating), a comma-separated list of
     /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four) and `latency`.
     only: Option<Vec<String>>,
@@ -167,6 +176,8 @@ impl Opts {
             events: if quick { 50_000 } else { 1_000_000 },
             latency_rate: 5_000,
             latency_secs: if quick { 10 } else { 30 },
+            latency_rate_high: 20_000,
+            peers: !args.iter().any(|a| a == "--no-peers"),
             only: None,
         };
         let mut it = args.iter();
@@ -182,6 +193,9 @@ impl Opts {
                 "--events" => opts.events = value("--events")?.max(1000),
                 "--latency-secs" => opts.latency_secs = value("--latency-secs")?.max(1),
                 "--latency-rate" => opts.latency_rate = value("--latency-rate")?.max(1),
+                "--latency-rate-high" => {
+                    opts.latency_rate_high = value("--latency-rate-high")?.max(1)
+                }
                 "--only" => {
                     let parts: Vec<String> = it
                         .next()
@@ -208,9 +222,10 @@ impl Opts {
 fn run(opts: &Opts) -> Result<()> {
     let n = opts.events;
     eprintln!(
-        "[bench] {} mode: {n} events per backlog, latency {} events/s for {} s",
+        "[bench] {} mode: {n} events per backlog, latency {} and {} events/s for {} s",
         if opts.quick { "quick" } else { "full" },
         opts.latency_rate,
+        opts.latency_rate_high,
         opts.latency_secs
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -218,7 +233,12 @@ fn run(opts: &Opts) -> Result<()> {
         .enable_all()
         .build()?;
     let clk_tck = clock_ticks();
-    try_tansu_bin().map_err(|e| anyhow!(e))?;
+    // The broker of record is Apache Kafka; tansu only adds its ceiling beside Kafka's.
+    testkit::kafka_libs().map_err(|e| anyhow!(e))?;
+    let tansu = try_tansu_bin().map(|_| ());
+    if let Err(why) = &tansu {
+        eprintln!("[bench] tansu's broker ceiling skipped: {why}");
+    }
 
     let pg = ThrowawayPostgres::start_with(
         &PostgresOptions::default()
@@ -235,7 +255,10 @@ fn run(opts: &Opts) -> Result<()> {
         .context("creating the bench functions")?;
     pg.psql(
         DB,
-        &format!("CREATE PUBLICATION {PUBLICATION} FOR TABLE outbox.events"),
+        &format!(
+            "CREATE PUBLICATION {PUBLICATION} FOR TABLE outbox.events;\n\
+             CREATE PUBLICATION {DEBEZIUM_PUBLICATION} FOR TABLE outbox.events;"
+        ),
     )?;
     let url = pg.url(DB);
     let db = rt.block_on(connect(&url))?;
@@ -256,19 +279,46 @@ fn run(opts: &Opts) -> Result<()> {
                 .any(|o| o == part || (o == "backlogs" && part != "latency"))
         })
     };
-    let peer_setup = if runs("100") {
+    let peers_wanted = opts.peers && (runs("100") || runs("1") || runs("latency"));
+    let why_not = |what: &str| {
+        if opts.peers {
+            format!("{what} not run (--only)")
+        } else {
+            format!("{what} not run (--no-peers)")
+        }
+    };
+    let peer_setup = if peers_wanted {
         setup_peer(&pg)
     } else {
-        Err("not run (--only)".to_string())
+        Err(why_not("the script"))
     };
     if let Err(why) = &peer_setup {
         eprintln!("[bench] peer skipped: {why}");
     }
+    let debezium_setup = if peers_wanted {
+        setup_debezium()
+    } else {
+        Err(why_not("Debezium"))
+    };
+    if let Err(why) = &debezium_setup {
+        eprintln!("[bench] Debezium skipped: {why}");
+    }
+    let mut peer = match &peer_setup {
+        Ok(_) => PeerRuns::default(),
+        Err(why) => PeerRuns::skipped(why.clone()),
+    };
+    let mut dbz = match &debezium_setup {
+        Ok(_) => PeerRuns::default(),
+        Err(why) => PeerRuns::skipped(why.clone()),
+    };
 
-    // 100 events per transaction: decode ceiling, broker ceiling, relay, peer, on one WAL.
+    // Each shape: decode ceiling, (broker ceiling), relay, (the peers), on one WAL.
     let mut shapes = Vec::new();
-    let mut peer = Peer::Skipped(peer_setup.clone().err().unwrap_or_default());
     let mut broker = None;
+    let mut tansu_broker = Err(match &tansu {
+        Ok(()) => "not run (--only)".to_string(),
+        Err(why) => why.clone(),
+    });
     let backlogs = [
         (100, "100", "100 / tx"),
         (10, "10", "10 / tx"),
@@ -276,8 +326,10 @@ fn run(opts: &Opts) -> Result<()> {
         (n, "big", "1 tx of N"),
     ];
     for (per_tx, tag, label) in backlogs.into_iter().filter(|b| runs(b.1)) {
-        let with_peer = per_tx == 100 && peer_setup.is_ok();
-        let slots = Slots::create(&env, tag, with_peer)?;
+        let side_by_side = per_tx == 100 || per_tx == 1;
+        let with_peer = side_by_side && peer_setup.is_ok();
+        let with_debezium = side_by_side && debezium_setup.is_ok();
+        let slots = Slots::create(&env, tag, with_peer, with_debezium)?;
         eprintln!("[bench] writing {n} events, {per_tx} per transaction");
         let (write_secs, end) = write_backlog(&env, n, per_tx)?;
         eprintln!(
@@ -307,18 +359,32 @@ fn run(opts: &Opts) -> Result<()> {
             }
         };
         if per_tx == 100 {
-            let tansu = start_tansu()?;
-            let rate = broker_ceiling(&tansu, n)?;
+            let kafka = start_kafka()?;
+            let rate = broker_ceiling(&kafka, n)?;
+            drop(kafka);
             eprintln!(
-                "[bench]   broker ceiling: {:.0} events/s ({:.2} s)",
+                "[bench]   broker ceiling, Apache Kafka: {:.0} events/s ({:.2} s)",
                 rate.eps(),
                 rate.secs
             );
             broker = Some(rate);
+            if tansu.is_ok() {
+                tansu_broker = start_tansu()
+                    .and_then(|t| broker_ceiling(&t, n))
+                    .map_err(|e| format!("{e:#}"));
+                match &tansu_broker {
+                    Ok(rate) => eprintln!(
+                        "[bench]   broker ceiling, tansu: {:.0} events/s ({:.2} s)",
+                        rate.eps(),
+                        rate.secs
+                    ),
+                    Err(e) => eprintln!("[bench]   broker ceiling, tansu, FAILED: {e}"),
+                }
+            }
         }
         let relay = {
-            let tansu = start_tansu()?;
-            drain_relay(&env, &tansu, &slots.relay, n, end).map_err(|e| format!("{e:#}"))
+            let kafka = start_kafka()?;
+            drain_relay(&env, &kafka, &slots.relay, n, end).map_err(|e| format!("{e:#}"))
         };
         match &relay {
             Ok(relay) => eprintln!(
@@ -332,20 +398,20 @@ fn run(opts: &Opts) -> Result<()> {
             Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
         }
         if with_peer {
-            let tansu = start_tansu()?;
+            let kafka = start_kafka()?;
             let python = peer_setup.as_ref().expect("peer is set up");
-            peer = match run_peer(&env, &tansu, python, slots.peer.as_deref(), n, end) {
-                Ok(p) => p,
-                Err(e) => Peer::Skipped(format!("the peer failed: {e:#}")),
-            };
-            match &peer {
-                Peer::Ran { rate, .. } => eprintln!(
-                    "[bench]   peer: {:.0} events/s ({:.2} s)",
-                    rate.eps(),
-                    rate.secs
-                ),
-                Peer::Skipped(why) => eprintln!("[bench]   peer skipped: {why}"),
-            }
+            let result = run_peer(&env, &kafka, python, slots.peer.as_deref(), n, end)
+                .map_err(|e| format!("{e:#}"));
+            report_peer("peer", &result);
+            peer.drains.push((per_tx, result));
+        }
+        if with_debezium {
+            let kafka = start_kafka()?;
+            let libs = debezium_setup.as_ref().expect("Debezium is set up");
+            let slot = slots.debezium.as_deref().expect("a Debezium slot");
+            let result = drain_debezium(&env, &kafka, libs, slot, n).map_err(|e| format!("{e:#}"));
+            report_peer("Debezium", &result);
+            dbz.drains.push((per_tx, result));
         }
         // The first reader of a fresh backlog can find Postgres still busy with it (the
         // checkpointer, the WAL's first read); a second run after the others gives the
@@ -375,32 +441,104 @@ fn run(opts: &Opts) -> Result<()> {
         });
     }
 
-    let latency = if runs("latency") {
+    // Latency: a topic with LogAppendTime, so the broker's append time is in every record.
+    let append_time = [("message.timestamp.type", "LogAppendTime")];
+    let mut latency = None;
+    let mut latency_high = None;
+    if runs("latency") {
+        let rate = opts.latency_rate;
         eprintln!(
-            "[bench] latency: {} events/s, 1 event per transaction, {} s",
-            opts.latency_rate, opts.latency_secs
+            "[bench] latency: {rate} events/s, 1 event per transaction, {} s",
+            opts.latency_secs
         );
         let floor = latency_floor(&env, opts)?;
         eprintln!(
             "[bench]   null consumer: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             floor.p50_ms, floor.p99_ms, floor.max_ms
         );
-        let tansu = start_tansu()?;
-        let latency = Latency {
+        let kafka = start_kafka_with(&append_time)?;
+        let run = Latency {
             floor: Some(floor),
-            ..latency_run(&env, &tansu, opts)?
+            ..latency_run(&env, &kafka, rate, opts.latency_secs)?
         };
+        drop(kafka);
         eprintln!(
-            "[bench]   relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
-            latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
+            "[bench]   relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms (histogram); commit -> append p99 {:.2} ms",
+            run.p50_ms,
+            run.p99_ms,
+            run.max_bucket_ms,
+            run.appended.map_or(f64::NAN, |a| a.p99_ms)
         );
-        Some(latency)
-    } else {
-        None
-    };
+        latency = Some(run);
+        if let Ok(libs) = &debezium_setup {
+            let kafka = start_kafka_with(&append_time)?;
+            let result = debezium_latency(&env, &kafka, libs, rate, opts.latency_secs)
+                .map_err(|e| format!("{e:#}"));
+            report_peer_latency("Debezium", &result);
+            dbz.latency = Some(result);
+        }
+        if let Ok(python) = &peer_setup {
+            let kafka = start_kafka_with(&append_time)?;
+            let result = peer_latency(&env, &kafka, python, rate, opts.latency_secs)
+                .map_err(|e| format!("{e:#}"));
+            report_peer_latency("peer", &result);
+            peer.latency = Some(result);
+        }
+        let high = opts.latency_rate_high;
+        eprintln!(
+            "[bench] latency: {high} events/s, 1 event per transaction, {} s",
+            opts.latency_secs
+        );
+        let kafka = start_kafka_with(&append_time)?;
+        let run = latency_run(&env, &kafka, high, opts.latency_secs).map_err(|e| format!("{e:#}"));
+        match &run {
+            Ok(l) => eprintln!(
+                "[bench]   relay: {:.0} events/s, p50 {:.2} ms, p99 {:.2} ms, max <= {} ms (histogram)",
+                l.achieved_rate, l.p50_ms, l.p99_ms, l.max_bucket_ms
+            ),
+            Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
+        }
+        latency_high = Some(run);
+    }
 
-    report(opts, &shapes, broker, &peer, latency.as_ref());
+    report(
+        opts,
+        &shapes,
+        &Extras {
+            broker,
+            tansu_broker,
+            latency: latency.as_ref(),
+            latency_high: latency_high.as_ref(),
+            debezium: &dbz,
+            peer: &peer,
+        },
+    );
     Ok(())
+}
+
+fn report_peer(name: &str, result: &std::result::Result<report::PeerDrain, String>) {
+    match result {
+        Ok(d) => eprintln!(
+            "[bench]   {name}: {:.0} events/s from spawn ({:.2} s; first record at {:.2} s, {:.0} events/s after it), {:.2} us CPU/event, peak RSS {:.1} MB",
+            d.eps(),
+            d.secs,
+            d.first_record_secs,
+            d.steady_eps(),
+            d.cpu_us_per_event(),
+            d.peak_rss_kb as f64 / 1024.0
+        ),
+        Err(e) => eprintln!("[bench]   {name} FAILED: {e}"),
+    }
+}
+
+fn report_peer_latency(name: &str, result: &std::result::Result<report::PeerLatency, String>) {
+    match result {
+        Ok(l) => eprintln!(
+            "[bench]   {name}: commit -> append p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {:.0} events/s",
+            l.appended.p50_ms, l.appended.p99_ms, l.appended.max_ms, l.achieved_rate
+        ),
+        Err(e) => eprintln!("[bench]   {name} FAILED: {e}"),
+    }
 }
 
 /// What every phase needs.

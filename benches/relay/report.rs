@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::observe::Appended;
 use crate::Opts;
 
 /// What one relay drain measured.
@@ -82,6 +83,9 @@ pub struct Latency {
     pub peak_rss_kb: u64,
     /// The null consumer's commit-to-decoded latency at the same rate (exact, not bucketed).
     pub floor: Option<Floor>,
+    /// Commit (as the writer saw it return) to the broker's append, per event: measured the
+    /// same way for the peers.
+    pub appended: Option<Appended>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -91,27 +95,115 @@ pub struct Floor {
     pub max_ms: f64,
 }
 
-#[derive(Debug, Clone)]
-pub enum Peer {
-    Ran { rate: Rate, delivered: u64 },
-    Skipped(String),
+/// A peer's drain of a backlog (Debezium, or the `pg_recvlogical` peer), seen in the broker.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerDrain {
+    pub events: u64,
+    /// Spawn to the last record appended.
+    pub secs: f64,
+    /// Spawn to the first record appended.
+    pub first_record_secs: f64,
+    /// The peer's processes' user + system CPU time.
+    pub cpu_secs: f64,
+    /// The peer's peak resident set (`VmHWM`; for the script, both processes' added).
+    pub peak_rss_kb: u64,
 }
 
-pub fn report(
-    opts: &Opts,
-    shapes: &[Shape],
-    broker: Option<Rate>,
-    peer: &Peer,
-    latency: Option<&Latency>,
-) {
+impl PeerDrain {
+    /// From spawn to the last record, like the relay's `relay/s`.
+    pub fn eps(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+    /// From the first record to the last: the steady rate, start-up left out.
+    pub fn steady_eps(&self) -> f64 {
+        self.events as f64 / (self.secs - self.first_record_secs)
+    }
+    pub fn cpu_us_per_event(&self) -> f64 {
+        self.cpu_secs * 1e6 / self.events as f64
+    }
+}
+
+/// A peer following the paced writer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerLatency {
+    pub events: u64,
+    pub achieved_rate: f64,
+    pub appended: Appended,
+    pub cpu_us_per_event: f64,
+    pub peak_rss_kb: u64,
+}
+
+/// What one peer measured: why it did not run at all, or its drains (by events per
+/// transaction) and its latency run, each of which can fail on its own.
+#[derive(Debug, Clone, Default)]
+pub struct PeerRuns {
+    pub skipped: Option<String>,
+    pub drains: Vec<(u64, std::result::Result<PeerDrain, String>)>,
+    pub latency: Option<std::result::Result<PeerLatency, String>>,
+}
+
+impl PeerRuns {
+    pub fn skipped(why: String) -> PeerRuns {
+        PeerRuns {
+            skipped: Some(why),
+            ..PeerRuns::default()
+        }
+    }
+
+    pub fn drain(&self, per_tx: u64) -> Option<&PeerDrain> {
+        self.drains
+            .iter()
+            .find(|(p, _)| *p == per_tx)
+            .and_then(|(_, d)| d.as_ref().ok())
+    }
+
+    pub fn latency(&self) -> Option<&PeerLatency> {
+        self.latency.as_ref().and_then(|l| l.as_ref().ok())
+    }
+
+    fn failures(&self, name: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .drains
+            .iter()
+            .filter_map(|(p, d)| {
+                d.as_ref()
+                    .err()
+                    .map(|e| format!("{name} {p} / tx: {}", first_line(e)))
+            })
+            .collect();
+        if let Some(Err(e)) = &self.latency {
+            out.push(format!("{name} latency: {}", first_line(e)));
+        }
+        out
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+/// Everything measured besides the relay's backlog shapes.
+pub struct Extras<'a> {
+    pub broker: Option<Rate>,
+    /// The same plain producer on tansu, or why it was not measured.
+    pub tansu_broker: std::result::Result<Rate, String>,
+    pub latency: Option<&'a Latency>,
+    /// The relay at the second, higher rate.
+    pub latency_high: Option<&'a std::result::Result<Latency, String>>,
+    pub debezium: &'a PeerRuns,
+    pub peer: &'a PeerRuns,
+}
+
+pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
     let n = opts.events;
     let mb = |kb: u64| kb as f64 / 1024.0;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nrelay benchmark ({} mode, N = {n} events per backlog, {} cores)",
+        "\nrelay benchmark ({} mode, N = {n} events per backlog, {} cores, Apache Kafka {})",
         if opts.quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(0, |p| p.get())
+        std::thread::available_parallelism().map_or(0, |p| p.get()),
+        testkit::KAFKA_VERSION
     );
     let _ = writeln!(
         out,
@@ -156,7 +248,7 @@ pub fn report(
                     s.label,
                     s.decode,
                     s.null.cpu_us_per_event(),
-                    e.lines().next().unwrap_or("")
+                    first_line(e)
                 );
             }
         }
@@ -170,32 +262,33 @@ pub fn report(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let Some(broker) = broker {
+    if let Some(broker) = x.broker {
         let _ = writeln!(
             out,
-            "broker ceiling (rdkafka, relay settings): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
+            "broker ceiling on Apache Kafka (rdkafka, relay settings): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
             broker.eps(),
             broker.secs,
             broker.cpu_us_per_event()
         );
     }
-    match peer {
-        Peer::Ran { rate, delivered } => {
+    match &x.tansu_broker {
+        Ok(t) => {
             let _ = writeln!(
                 out,
-                "peer (pg_recvlogical + wal2json | python confluent-kafka), 100 / tx: {:.0} events/s ({:.2} s, {delivered} delivered)",
-                rate.eps(),
-                rate.secs
+                "broker ceiling on tansu (the same producer): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
+                t.eps(),
+                t.secs,
+                t.cpu_us_per_event()
             );
         }
-        Peer::Skipped(why) => {
-            let _ = writeln!(out, "peer: skipped ({why})");
+        Err(why) => {
+            let _ = writeln!(out, "broker ceiling on tansu: not measured ({why})");
         }
     }
-    if let Some(latency) = latency {
+    if let Some(latency) = x.latency {
         let _ = writeln!(
             out,
-            "latency at {:.0} events/s (1 / tx, {} events, commit -> Kafka ack, bucket-interpolated): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+            "latency at {:.0} events/s (1 / tx, {} events, commit -> Kafka ack, relay's histogram, bucket-interpolated): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
             latency.achieved_rate, latency.events, latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
         );
         if let Some(floor) = &latency.floor {
@@ -214,6 +307,171 @@ pub fn report(
             mb(latency.peak_rss_kb)
         );
     }
+    match x.latency_high {
+        Some(Ok(l)) => {
+            let _ = writeln!(
+                out,
+                "latency at {:.0} events/s (1 / tx, {} events, relay's histogram): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms; writer {:.1} ms behind schedule at most; relay {:.2} us CPU/event",
+                l.achieved_rate, l.events, l.p50_ms, l.p99_ms, l.max_bucket_ms, l.writer_max_late_ms, l.cpu_us_per_event
+            );
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "latency at the higher rate FAILED: {}", first_line(e));
+        }
+        None => {}
+    }
+
+    // Side by side: the relay, Debezium and the script, on the same WAL and broker.
+    let _ = writeln!(
+        out,
+        "\nside by side (same WAL, same Apache Kafka broker, a slot each; 1st/last = first/last record acknowledged, from spawn)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<22} {:>6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>7}",
+        "", "per tx", "events/s", "1st s", "last s", "1st->last/s", "CPU us/ev", "RSS MB"
+    );
+    let row = |out: &mut String,
+               name: &str,
+               per_tx: u64,
+               d: Option<PeerDrain>,
+               why: Option<&str>| {
+        match (d, why) {
+            (Some(d), _) => {
+                let _ = writeln!(
+                    out,
+                    "{:<22} {:>6} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>9.2} {:>7.1}",
+                    name,
+                    per_tx,
+                    d.eps(),
+                    d.first_record_secs,
+                    d.secs,
+                    d.steady_eps(),
+                    d.cpu_us_per_event(),
+                    mb(d.peak_rss_kb)
+                );
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(out, "{name:<22} {per_tx:>6}   {why}");
+            }
+            (None, None) => {}
+        }
+    };
+    for per_tx in [100, 1] {
+        let relay = shapes
+            .iter()
+            .find(|s| s.per_tx == per_tx)
+            .map(|s| s.relay.clone());
+        match &relay {
+            Some(Ok(d)) => row(&mut out, "relay", per_tx, Some(relay_as_peer(d)), None),
+            Some(Err(e)) => row(
+                &mut out,
+                "relay",
+                per_tx,
+                None,
+                Some(&format!("FAILED: {}", first_line(e))),
+            ),
+            None => {}
+        }
+        for (name, runs) in [
+            ("debezium (connect)", x.debezium),
+            ("pg_recvlogical+python", x.peer),
+        ] {
+            if let Some(why) = &runs.skipped {
+                row(
+                    &mut out,
+                    name,
+                    per_tx,
+                    None,
+                    Some(&format!("skipped: {}", first_line(why))),
+                );
+                continue;
+            }
+            match runs.drains.iter().find(|(p, _)| *p == per_tx) {
+                Some((_, Ok(d))) => row(&mut out, name, per_tx, Some(*d), None),
+                Some((_, Err(e))) => row(
+                    &mut out,
+                    name,
+                    per_tx,
+                    None,
+                    Some(&format!("FAILED: {}", first_line(e))),
+                ),
+                None => {}
+            }
+        }
+    }
+    let lat_row = |out: &mut String,
+                   name: &str,
+                   l: Option<(f64, u64, Appended, f64, u64)>,
+                   why: Option<String>| {
+        match (l, why) {
+            (Some((rate, events, a, cpu, rss)), _) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} at {:>6.0}/s ({events} events): p50 {:>7.2} ms, p99 {:>7.2} ms, max {:>7.2} ms; {:.2} us CPU/event, peak RSS {:.1} MB",
+                    name, rate, a.p50_ms, a.p99_ms, a.max_ms, cpu, mb(rss)
+                );
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(out, "  {name:<22} {why}");
+            }
+            (None, None) => {}
+        }
+    };
+    if x.latency.is_some() || x.debezium.latency.is_some() || x.peer.latency.is_some() {
+        let _ = writeln!(
+            out,
+            "commit -> broker append (writer's commit returned -> LogAppendTime, every event, 1 ms clock), 1 / tx:"
+        );
+        if let Some(l) = x.latency {
+            lat_row(
+                &mut out,
+                "relay",
+                l.appended.map(|a| {
+                    (
+                        l.achieved_rate,
+                        l.events,
+                        a,
+                        l.cpu_us_per_event,
+                        l.peak_rss_kb,
+                    )
+                }),
+                None,
+            );
+        }
+        for (name, runs) in [
+            ("debezium (connect)", x.debezium),
+            ("pg_recvlogical+python", x.peer),
+        ] {
+            match (&runs.skipped, &runs.latency) {
+                (Some(why), _) => lat_row(
+                    &mut out,
+                    name,
+                    None,
+                    Some(format!("skipped: {}", first_line(why))),
+                ),
+                (None, Some(Ok(l))) => lat_row(
+                    &mut out,
+                    name,
+                    Some((
+                        l.achieved_rate,
+                        l.events,
+                        l.appended,
+                        l.cpu_us_per_event,
+                        l.peak_rss_kb,
+                    )),
+                    None,
+                ),
+                (None, Some(Err(e))) => lat_row(
+                    &mut out,
+                    name,
+                    None,
+                    Some(format!("FAILED: {}", first_line(e))),
+                ),
+                (None, None) => {}
+            }
+        }
+    }
     print!("{out}");
 
     let find = |per_tx: u64| shapes.iter().find(|s| s.per_tx == per_tx);
@@ -228,36 +486,99 @@ pub fn report(
         .max();
     let big = shapes.iter().find(|s| s.per_tx > 100);
     let eps_of = |per_tx: u64| find(per_tx).and_then(drain).map(|d| d.eps());
+    let steady_of = |per_tx: u64| {
+        find(per_tx)
+            .and_then(drain)
+            .map(|d| relay_as_peer(&d).steady_eps())
+    };
+    let dbz = x.debezium;
+    let peer = x.peer;
+    let high = x.latency_high.and_then(|l| l.as_ref().ok());
+    let mut failures: Vec<String> = shapes
+        .iter()
+        .filter_map(|s| {
+            s.relay
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {}", s.label, first_line(e)))
+        })
+        .collect();
+    if let Some(Err(e)) = x.latency_high {
+        failures.push(format!("latency (higher rate): {}", first_line(e)));
+    }
+    failures.extend(dbz.failures("debezium"));
+    failures.extend(peer.failures("peer"));
     let json = serde_json::json!({
         "mode": if opts.quick { "quick" } else { "full" },
         "events": n,
+        "broker": format!("apache-kafka-{}", testkit::KAFKA_VERSION),
         "throughput_eps": throughput,
         "decode_ceiling_eps": decode,
-        "broker_ceiling_eps": broker.map(|b| b.eps()),
-        "broker_cpu_us_per_event": broker.map(|b| b.cpu_us_per_event()),
+        "broker_ceiling_eps": x.broker.map(|b| b.eps()),
+        "broker_cpu_us_per_event": x.broker.map(|b| b.cpu_us_per_event()),
+        "tansu_broker_ceiling_eps": x.tansu_broker.as_ref().ok().map(|b| b.eps()),
+        "tansu_broker_cpu_us_per_event": x.tansu_broker.as_ref().ok().map(|b| b.cpu_us_per_event()),
         "decode_cpu_us_per_event": main.map(|s| s.null.cpu_us_per_event()),
         "decode_ceiling_runs_eps": main.map(|s| s.decode_runs),
         "ratio": throughput / decode,
-        "latency_p50_ms": latency.map(|l| l.p50_ms),
-        "latency_p99_ms": latency.map(|l| l.p99_ms),
-        "latency_max_bucket_ms": latency.map(|l| l.max_bucket_ms),
-        "latency_rate_eps": latency.map(|l| l.achieved_rate),
-        "latency_cpu_us_per_event": latency.map(|l| l.cpu_us_per_event),
-        "decode_latency_p50_ms": latency.and_then(|l| l.floor).map(|f| f.p50_ms),
-        "decode_latency_p99_ms": latency.and_then(|l| l.floor).map(|f| f.p99_ms),
+        "latency_p50_ms": x.latency.map(|l| l.p50_ms),
+        "latency_p99_ms": x.latency.map(|l| l.p99_ms),
+        "latency_max_bucket_ms": x.latency.map(|l| l.max_bucket_ms),
+        "latency_rate_eps": x.latency.map(|l| l.achieved_rate),
+        "latency_cpu_us_per_event": x.latency.map(|l| l.cpu_us_per_event),
+        "latency_append_p50_ms": x.latency.and_then(|l| l.appended).map(|a| a.p50_ms),
+        "latency_append_p99_ms": x.latency.and_then(|l| l.appended).map(|a| a.p99_ms),
+        "latency_p50_ms_20k": high.map(|l| l.p50_ms),
+        "latency_p99_ms_20k": high.map(|l| l.p99_ms),
+        "latency_rate_eps_20k": high.map(|l| l.achieved_rate),
+        "latency_append_p99_ms_20k": high.and_then(|l| l.appended).map(|a| a.p99_ms),
+        "decode_latency_p50_ms": x.latency.and_then(|l| l.floor).map(|f| f.p50_ms),
+        "decode_latency_p99_ms": x.latency.and_then(|l| l.floor).map(|f| f.p99_ms),
         "peak_rss_mb": backlog_rss.map(mb),
         "big_tx_peak_rss_mb": big.and_then(drain).map(|d| mb(d.peak_rss_kb)),
         "big_tx_eps": big.and_then(drain).map(|d| d.eps()),
-        "peer_eps": match peer { Peer::Ran { rate, .. } => Some(rate.eps()), Peer::Skipped(_) => None },
-        "peer_skipped": match peer { Peer::Ran { .. } => None, Peer::Skipped(why) => Some(why.as_str()) },
         "relay_cpu_us_per_event": main.and_then(drain).map(|d| d.cpu_us_per_event()),
+        "relay_first_record_s": main.and_then(drain).map(|d| d.first_ack_secs),
+        "relay_steady_eps": steady_of(100),
+        "relay_steady_eps_1tx": steady_of(1),
+        "relay_cpu_us_per_event_1tx": find(1).and_then(drain).map(|d| d.cpu_us_per_event()),
         "throughput_10_per_tx_eps": eps_of(10),
         "throughput_1_per_tx_eps": eps_of(1),
         "decode_ceiling_1_per_tx_eps": find(1).map(|s| s.decode),
-        "failures": shapes
-            .iter()
-            .filter_map(|s| s.relay.as_ref().err().map(|e| format!("{}: {}", s.label, e.lines().next().unwrap_or(""))))
-            .collect::<Vec<_>>(),
+        "debezium_eps": dbz.drain(100).map(|d| d.steady_eps()),
+        "debezium_eps_1tx": dbz.drain(1).map(|d| d.steady_eps()),
+        "debezium_eps_from_spawn": dbz.drain(100).map(|d| d.eps()),
+        "debezium_eps_from_spawn_1tx": dbz.drain(1).map(|d| d.eps()),
+        "debezium_cpu_us_per_event": dbz.drain(100).map(|d| d.cpu_us_per_event()),
+        "debezium_cpu_us_per_event_1tx": dbz.drain(1).map(|d| d.cpu_us_per_event()),
+        "debezium_peak_rss_mb": dbz.drains.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.peak_rss_kb)).max().map(mb),
+        "debezium_first_record_s": dbz.drain(100).map(|d| d.first_record_secs),
+        "debezium_latency_p50_ms": dbz.latency().map(|l| l.appended.p50_ms),
+        "debezium_latency_p99_ms": dbz.latency().map(|l| l.appended.p99_ms),
+        "debezium_latency_cpu_us_per_event": dbz.latency().map(|l| l.cpu_us_per_event),
+        "debezium_skipped": dbz.skipped.as_deref(),
+        "peer_eps": peer.drain(100).map(|d| d.eps()),
+        "peer_eps_1tx": peer.drain(1).map(|d| d.eps()),
+        "peer_steady_eps": peer.drain(100).map(|d| d.steady_eps()),
+        "peer_steady_eps_1tx": peer.drain(1).map(|d| d.steady_eps()),
+        "peer_cpu_us_per_event": peer.drain(100).map(|d| d.cpu_us_per_event()),
+        "peer_peak_rss_mb": peer.drains.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.peak_rss_kb)).max().map(mb),
+        "peer_first_record_s": peer.drain(100).map(|d| d.first_record_secs),
+        "peer_latency_p50_ms": peer.latency().map(|l| l.appended.p50_ms),
+        "peer_latency_p99_ms": peer.latency().map(|l| l.appended.p99_ms),
+        "peer_skipped": peer.skipped.as_deref(),
+        "failures": failures,
     });
     println!("{json}");
+}
+
+/// The relay's drain in the peers' terms: first and last acknowledgement from spawn.
+fn relay_as_peer(d: &Drain) -> PeerDrain {
+    PeerDrain {
+        events: d.events,
+        secs: d.acked_secs,
+        first_record_secs: d.first_ack_secs,
+        cpu_secs: d.cpu_secs,
+        peak_rss_kb: d.peak_rss_kb,
+    }
 }
