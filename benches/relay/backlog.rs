@@ -183,6 +183,7 @@ pub fn drain_relay(
     let deadline = t0 + Duration::from_secs(120 + n / 1000);
     let mut acked_secs = None;
     let mut first_ack_secs = None;
+    let mut first_ack_published = 0;
     // Progress: (published, when it last grew).
     let mut progress = (0, Instant::now());
     let trace = std::env::var_os("RELAY_BENCH_TRACE").is_some();
@@ -211,6 +212,7 @@ pub fn drain_relay(
                 }
                 if published > 0 && first_ack_secs.is_none() {
                     first_ack_secs = Some(t0.elapsed().as_secs_f64());
+                    first_ack_published = published;
                 }
                 // A reconnect is a fault: the drain would resend and its numbers mean nothing.
                 let reconnects = metrics
@@ -246,6 +248,7 @@ pub fn drain_relay(
                         secs,
                         acked_secs,
                         first_ack_secs: first_ack_secs.unwrap_or(acked_secs),
+                        first_ack_published,
                         cpu_secs: relay.cpu_secs(env.clk_tck),
                         peak_rss_kb: relay.peak_rss_kb(),
                         host_cores: 0.0,

@@ -24,7 +24,7 @@ use crate::latency::{paced_write, WriterStats};
 use crate::observe::{append_latencies, first_record, EndOffsets};
 use crate::procfs::{proc_cpu_ticks, proc_status_kb};
 use crate::report::{PeerDrain, PeerLatency};
-use crate::{Env, DB, SCRAPE_EVERY, STALL};
+use crate::{Env, DB, SCRAPE_EVERY, STALL, WARM_UP_SECS};
 
 /// Every Debezium artifact's version.
 pub const DEBEZIUM_VERSION: &str = "3.6.1.Final";
@@ -270,6 +270,7 @@ pub fn drain_debezium(
     let offsets = EndOffsets::new(&broker.brokers())?;
     let t0 = Instant::now();
     let mut connect = Connect::start(env, libs, &broker.brokers(), slot)?;
+    // (when, records, CPU seconds) at the first record seen.
     let mut first = None;
     let mut progress = (0, Instant::now());
     loop {
@@ -277,15 +278,19 @@ pub fn drain_debezium(
         let appended = offsets.total()?;
         let now = t0.elapsed().as_secs_f64();
         if appended > 0 && first.is_none() {
-            first = Some(now);
+            first = Some((now, appended, connect.cpu_secs(env.clk_tck)));
         }
         if appended >= n {
+            let cpu_secs = connect.cpu_secs(env.clk_tck);
+            let (first_secs, first_records, first_cpu) = first.unwrap_or((now, 0, cpu_secs));
             let drain = PeerDrain {
                 events: n,
                 secs: now,
-                first_record_secs: first.unwrap_or(now),
-                cpu_secs: connect.cpu_secs(env.clk_tck),
+                first_record_secs: first_secs,
+                first_records,
+                cpu_secs,
                 peak_rss_kb: connect.peak_rss_kb(),
+                steady_cpu_secs: Some(cpu_secs - first_cpu),
             };
             connect.stop();
             first_record(&broker.brokers())?
@@ -309,7 +314,7 @@ pub fn drain_debezium(
     }
 }
 
-/// Debezium following the paced writer at `rate` events/s for `secs` s (after 2 s of warm-up),
+/// Debezium following the paced writer at `rate` events/s for `secs` s (after [`WARM_UP_SECS`] of warm-up),
 /// one event per transaction, on a broker whose topic has `LogAppendTime`: commit (as the
 /// writer saw it return) to the broker's append, per event.
 pub fn debezium_latency(
@@ -327,7 +332,7 @@ pub fn debezium_latency(
     let result = (|| {
         let mut connect = Connect::start(env, libs, &broker.brokers(), slot)?;
         let offsets = EndOffsets::new(&broker.brokers())?;
-        let warm = rate * 2;
+        let warm = rate * WARM_UP_SECS;
         let count = rate * secs;
         // Its first records show it streams; the rest of the warm-up lets the JIT settle.
         let mut written = 0;

@@ -17,7 +17,9 @@ use crate::observe::append_latencies;
 use crate::procfs::unix_micros;
 use crate::relay::{relay_toml, RelayProc};
 use crate::report::{Floor, Latency};
-use crate::{event_fields, Env, Opts, CONFIRM_EVERY, DB, SCRAPE_EVERY, WRITER_CONNECTIONS};
+use crate::{
+    event_fields, Env, Opts, CONFIRM_EVERY, DB, SCRAPE_EVERY, WARM_UP_SECS, WRITER_CONNECTIONS,
+};
 
 /// One paced event, one transaction (autocommit); the values are formatted client side, as
 /// an application would, by [`event_fields`].
@@ -34,7 +36,7 @@ pub fn latency_floor(env: &Env<'_>, opts: &Opts) -> Result<Floor> {
         &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
     )?;
     let rate = opts.latency_rate;
-    let warm = rate * 2;
+    let warm = rate * WARM_UP_SECS;
     let count = rate * opts.latency_secs;
     let mut latencies = env.rt.block_on(async {
         let follower = tokio::spawn(null_follow(
@@ -116,7 +118,7 @@ pub async fn null_follow(url: String, slot: String, n: u64) -> Result<Vec<f64>> 
     Ok(latencies)
 }
 
-/// The relay at `rate` events/s for `secs` s (after 2 s of warm-up) on a broker whose topic
+/// The relay at `rate` events/s for `secs` s (after [`WARM_UP_SECS`] of warm-up) on a broker whose topic
 /// has `LogAppendTime`: its own histogram, and commit-to-append seen in the broker.
 pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> Result<Latency> {
     let slot = format!("bench_relay_latency_{rate}");
@@ -145,7 +147,7 @@ pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> 
         std::thread::sleep(Duration::from_millis(50));
     }
     // Warm-up (topic metadata, connections), not measured.
-    let warm = rate * 2;
+    let warm = rate * WARM_UP_SECS;
     env.rt
         .block_on(paced_write(env.url.to_owned(), rate, warm, 0))
         .context("warm-up writer")?;

@@ -98,6 +98,10 @@ const STALL: Duration = Duration::from_secs(60);
 /// How often the null consumers confirm their position (the relay's tick).
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 
+/// Seconds of paced writing before a latency run measures: the broker is a fresh JVM, and
+/// its first seconds (and Debezium's) are spent compiling.
+const WARM_UP_SECS: u64 = 5;
+
 /// Connections of the paced writer in the latency run.
 const WRITER_CONNECTIONS: u64 = 4;
 

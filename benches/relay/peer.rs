@@ -20,7 +20,7 @@ use crate::latency::paced_write;
 use crate::observe::{append_latencies, EndOffsets};
 use crate::procfs::{proc_cpu_ticks, proc_state, proc_status_kb};
 use crate::report::{PeerDrain, PeerLatency};
-use crate::{Env, DB, SCRAPE_EVERY};
+use crate::{Env, DB, SCRAPE_EVERY, WARM_UP_SECS};
 
 /// The peer's producer: wal2json (format-version 2, one change per line) on stdin, one
 /// record per inserted outbox row, the relay's record shape and librdkafka settings.
@@ -317,13 +317,14 @@ pub fn run_peer(
     let mut script = Script::start(env, broker, python, slot, Some(end))?;
     let deadline = t0 + Duration::from_secs(120 + n / 500);
     let mut usage = Usage::default();
+    // (when, records) at the first record seen.
     let mut first = None;
     let last = loop {
         script.sample(&mut usage);
         let appended = offsets.total()?;
         let now = t0.elapsed().as_secs_f64();
         if appended > 0 && first.is_none() {
-            first = Some(now);
+            first = Some((now, appended));
         }
         if appended >= n {
             break now;
@@ -340,12 +341,15 @@ pub fn run_peer(
     };
     script.finish(&mut usage, deadline, n)?;
     script.recv.terminate(Duration::from_secs(5));
+    let (first_record_secs, first_records) = first.unwrap_or((last, 0));
     Ok(PeerDrain {
         events: n,
         secs: last,
-        first_record_secs: first.unwrap_or(last),
+        first_record_secs,
+        first_records,
         cpu_secs: usage.cpu_secs(env.clk_tck),
         peak_rss_kb: usage.peak_rss_kb(),
+        steady_cpu_secs: None,
     })
 }
 
@@ -368,7 +372,7 @@ pub fn peer_latency(
         let offsets = EndOffsets::new(&broker.brokers())?;
         let mut script = Script::start(env, broker, python, slot, None)?;
         let mut usage = Usage::default();
-        let warm = rate * 2;
+        let warm = rate * WARM_UP_SECS;
         let count = rate * secs;
         env.rt
             .block_on(paced_write(env.url.to_owned(), rate, warm, 0))

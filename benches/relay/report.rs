@@ -16,6 +16,8 @@ pub struct Drain {
     /// Spawn to the first acknowledgement seen in `/metrics` (start-up: connections, slot,
     /// topic metadata).
     pub first_ack_secs: f64,
+    /// Events acknowledged by that first scrape.
+    pub first_ack_published: u64,
     pub cpu_secs: f64,
     pub peak_rss_kb: u64,
     /// Cores busy machine-wide during the drain (Postgres, tansu, the relay and anything
@@ -101,12 +103,18 @@ pub struct PeerDrain {
     pub events: u64,
     /// Spawn to the last record appended.
     pub secs: f64,
-    /// Spawn to the first record appended.
+    /// Spawn to the first record appended (seen in the topic's end offsets, or the relay's
+    /// `/metrics`, every 25 ms).
     pub first_record_secs: f64,
+    /// Records appended when the first was seen.
+    pub first_records: u64,
     /// The peer's processes' user + system CPU time.
     pub cpu_secs: f64,
     /// The peer's peak resident set (`VmHWM`; for the script, both processes' added).
     pub peak_rss_kb: u64,
+    /// CPU seconds spent from the first record seen to the last (start-up left out), where
+    /// measured.
+    pub steady_cpu_secs: Option<f64>,
 }
 
 impl PeerDrain {
@@ -114,12 +122,17 @@ impl PeerDrain {
     pub fn eps(&self) -> f64 {
         self.events as f64 / self.secs
     }
-    /// From the first record to the last: the steady rate, start-up left out.
+    /// From the first record seen to the last: the steady rate, start-up left out.
     pub fn steady_eps(&self) -> f64 {
-        self.events as f64 / (self.secs - self.first_record_secs)
+        (self.events - self.first_records) as f64 / (self.secs - self.first_record_secs)
     }
     pub fn cpu_us_per_event(&self) -> f64 {
         self.cpu_secs * 1e6 / self.events as f64
+    }
+    /// CPU per event from the first record seen to the last.
+    pub fn steady_cpu_us_per_event(&self) -> Option<f64> {
+        self.steady_cpu_secs
+            .map(|cpu| cpu * 1e6 / (self.events - self.first_records) as f64)
     }
 }
 
@@ -311,8 +324,17 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         Some(Ok(l)) => {
             let _ = writeln!(
                 out,
-                "latency at {:.0} events/s (1 / tx, {} events, relay's histogram): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms; writer {:.1} ms behind schedule at most; relay {:.2} us CPU/event",
-                l.achieved_rate, l.events, l.p50_ms, l.p99_ms, l.max_bucket_ms, l.writer_max_late_ms, l.cpu_us_per_event
+                "latency at {:.0} events/s (1 / tx, {} events, relay's histogram): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+                l.achieved_rate, l.events, l.p50_ms, l.p99_ms, l.max_bucket_ms
+            );
+            let _ = writeln!(
+                out,
+                "  commit -> broker append: p50 {:.2} ms, p99 {:.2} ms; writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event",
+                l.appended.map_or(f64::NAN, |a| a.p50_ms),
+                l.appended.map_or(f64::NAN, |a| a.p99_ms),
+                l.writer_p99_ms,
+                l.writer_max_late_ms,
+                l.cpu_us_per_event
             );
         }
         Some(Err(e)) => {
@@ -328,8 +350,16 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
     );
     let _ = writeln!(
         out,
-        "{:<22} {:>6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>7}",
-        "", "per tx", "events/s", "1st s", "last s", "1st->last/s", "CPU us/ev", "RSS MB"
+        "{:<22} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9} {:>10} {:>7}",
+        "",
+        "per tx",
+        "events/s",
+        "1st s",
+        "last s",
+        "1st->last/s",
+        "CPU us/ev",
+        "after 1st",
+        "RSS MB"
     );
     let row = |out: &mut String,
                name: &str,
@@ -340,7 +370,7 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
             (Some(d), _) => {
                 let _ = writeln!(
                     out,
-                    "{:<22} {:>6} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>9.2} {:>7.1}",
+                    "{:<22} {:>6} {:>9.0} {:>9.2} {:>9.2} {:>11.0} {:>9.2} {:>10} {:>7.1}",
                     name,
                     per_tx,
                     d.eps(),
@@ -348,6 +378,8 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
                     d.secs,
                     d.steady_eps(),
                     d.cpu_us_per_event(),
+                    d.steady_cpu_us_per_event()
+                        .map_or("-".to_string(), |c| format!("{c:.2}")),
                     mb(d.peak_rss_kb)
                 );
             }
@@ -551,6 +583,8 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         "debezium_eps_from_spawn_1tx": dbz.drain(1).map(|d| d.eps()),
         "debezium_cpu_us_per_event": dbz.drain(100).map(|d| d.cpu_us_per_event()),
         "debezium_cpu_us_per_event_1tx": dbz.drain(1).map(|d| d.cpu_us_per_event()),
+        "debezium_steady_cpu_us_per_event": dbz.drain(100).and_then(|d| d.steady_cpu_us_per_event()),
+        "debezium_steady_cpu_us_per_event_1tx": dbz.drain(1).and_then(|d| d.steady_cpu_us_per_event()),
         "debezium_peak_rss_mb": dbz.drains.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.peak_rss_kb)).max().map(mb),
         "debezium_first_record_s": dbz.drain(100).map(|d| d.first_record_secs),
         "debezium_latency_p50_ms": dbz.latency().map(|l| l.appended.p50_ms),
@@ -578,7 +612,9 @@ fn relay_as_peer(d: &Drain) -> PeerDrain {
         events: d.events,
         secs: d.acked_secs,
         first_record_secs: d.first_ack_secs,
+        first_records: d.first_ack_published,
         cpu_secs: d.cpu_secs,
         peak_rss_kb: d.peak_rss_kb,
+        steady_cpu_secs: None,
     }
 }
