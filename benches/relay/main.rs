@@ -1,41 +1,50 @@
 //! The relay benchmark (SPEC §9, `docs/PERFORMANCE.md`):
 //!
 //! ```sh
-//! cargo bench --bench relay              # full run: 1,000,000-event backlogs, 30 s latency run
-//! cargo bench --bench relay -- --quick   # 50,000-event backlogs, 10 s latency run
+//! cargo bench --bench relay              # full run: 1,000,000-event backlogs, 30 s latency runs
+//! cargo bench --bench relay -- --quick   # 50,000-event backlogs, 10 s latency runs
 //! cargo bench --bench relay -- --events 200000   # another backlog size
+//! cargo bench --bench relay -- --no-peers        # the relay alone
 //! ```
 //!
 //! One run on one machine, everything local: a throwaway Postgres (`wal_level = logical`), a
-//! fresh in-memory `tansu` broker for every Kafka measurement, and the relay binary (built by
-//! `cargo bench` with the bench profile) as a child process. It measures, for the same WAL:
+//! fresh Apache Kafka broker (the test kit's, KRaft, one node) for every Kafka measurement, and
+//! the relay binary (built by `cargo bench` with the bench profile) as a child process. It
+//! measures, for the same WAL:
 //!
 //! 1. the **decode ceiling**: a null consumer of the replication stream (pgwire-replication and
 //!    our `pgoutput::decode`, every column walked, nothing sent), on its own slot created
 //!    before the backlog was written, until it has seen the backlog's last `Commit`;
 //! 2. the **broker ceiling**: a plain rdkafka producer with the relay's producer settings
 //!    (`sink::kafka::client_config`) sending records of the same shape, until every delivery
-//!    report is in;
+//!    report is in; on Apache Kafka, and on tansu beside it when tansu is installed;
 //! 3. **relay throughput** for 1, 10 and 100 events per transaction (and one transaction of
 //!    the whole backlog): the relay binary draining the backlog on its own slot, from its spawn
 //!    until `outbox_relay_events_published_total` reaches N and the slot's
 //!    `confirmed_flush_lsn` reaches the end of the backlog; with the relay's CPU time
 //!    (`/proc/PID/stat`) and peak RSS (`VmHWM`);
-//! 4. **latency**: commit to Kafka ack at a steady paced rate, one event per transaction, from
-//!    the relay's own histogram (bucket-interpolated like Prometheus' `histogram_quantile`);
-//! 5. a **peer**: `pg_recvlogical` with wal2json piped into a minimal Python producer on
-//!    PyPI's `confluent-kafka`, what a user would script instead (skipped, with the reason,
-//!    when wal2json or confluent-kafka cannot be installed).
+//! 4. **latency**: commit to Kafka ack at a steady paced rate (5,000 and 20,000 events/s), one
+//!    event per transaction, from the relay's own histogram (bucket-interpolated like
+//!    Prometheus' `histogram_quantile`) and from the broker's `LogAppendTime` of each record;
+//! 5. a **peer script**: `pg_recvlogical` with wal2json piped into a minimal Python producer on
+//!    PyPI's `confluent-kafka`, what a user would script instead;
+//! 6. **Debezium**: Kafka Connect standalone with Debezium's PostgreSQL connector and its
+//!    Outbox Event Router, the incumbent, on its own slot of the same WAL and the same broker.
 //!
-//! It prints a table and then one JSON line. Progress goes to stderr. With
-//! `RELAY_BENCH_KEEP_LOGS=1` the relay's config and log directories (`/tmp/relay-bench-*`)
-//! are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is printed;
-//! `RELAY_BENCH_KAFKA_PROPERTIES="k=v,..."` adds producer settings to the relay under test. Run under `cargo test`
-//! or `cargo nextest` (no `--bench` argument) it does nothing: it is not a test.
+//! The peers drain the 100- and 1-per-transaction backlogs and follow the paced writer at
+//! 5,000 events/s; each is skipped, with the reason, when it cannot be set up.
 //!
-//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`), the relay
-//! under test (`relay`), what is read from `/proc` and `/metrics` (`procfs`, `metrics`) and the
-//! `report`; Postgres, the broker and child processes come from the test kit (`testkit/`).
+//! It prints tables and then one JSON line. Progress goes to stderr. With
+//! `RELAY_BENCH_KEEP_LOGS=1` the relay's and Connect's config and log directories
+//! (`/tmp/relay-bench-*`) are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is
+//! printed; `RELAY_BENCH_KAFKA_PROPERTIES="k=v,..."` adds producer settings to the relay under
+//! test. Run under `cargo test` or `cargo nextest` (no `--bench` argument) it does nothing: it
+//! is not a test.
+//!
+//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`, `debezium`),
+//! the relay under test (`relay`), what is read from `/proc`, `/metrics` and the broker
+//! (`procfs`, `metrics`, `observe`) and the `report`; Postgres, the brokers and child processes
+//! come from the test kit (`testkit/`).
 
 #![recursion_limit = "256"]
 

@@ -36,8 +36,21 @@ impl EndOffsets {
         })
     }
 
-    /// Records in the topic (the sum of its partitions' high watermarks).
+    /// Records in the topic (the sum of its partitions' high watermarks). A fresh broker can
+    /// answer a watermark request with a transient error (`NotLeaderForPartition` while its
+    /// metadata settles): that is retried for up to 30 s.
     pub fn total(&self) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_total() {
+                Ok(total) => return Ok(total),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    fn try_total(&self) -> Result<u64> {
         let mut total = 0;
         for p in 0..PARTITIONS {
             let (_, high) = self
