@@ -130,10 +130,8 @@ appender.out.layout.type = PatternLayout
 appender.out.layout.pattern = [%d] %p %m (%c)%n
 rootLogger.level = warn
 rootLogger.appenderRef.out.ref = out
-logger.worker.name = org.apache.kafka.connect.runtime.standalone.StandaloneConfig
-logger.worker.level = info
-logger.producer.name = org.apache.kafka.clients.producer.ProducerConfig
-logger.producer.level = info
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = info
 ";
 
 /// `connect-standalone.properties`: the worker. `offset.flush.interval.ms` is left at its
