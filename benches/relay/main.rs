@@ -397,7 +397,15 @@ fn run(opts: &Opts) -> Result<()> {
         }
         let relay = {
             let kafka = start_kafka()?;
-            drain_relay(&env, &kafka, &slots.relay, n, end).map_err(|e| format!("{e:#}"))
+            // The contract check that Debezium's records must pass holds for the relay's.
+            drain_relay(&env, &kafka, &slots.relay, n, end)
+                .and_then(|d| {
+                    observe::first_record(&kafka.brokers())?
+                        .check()
+                        .context("the relay's records fail the contract check")?;
+                    Ok(d)
+                })
+                .map_err(|e| format!("{e:#}"))
         };
         match &relay {
             Ok(relay) => eprintln!(
@@ -414,6 +422,12 @@ fn run(opts: &Opts) -> Result<()> {
             let kafka = start_kafka()?;
             let python = peer_setup.as_ref().expect("peer is set up");
             let result = run_peer(&env, &kafka, python, slots.peer.as_deref(), n, end)
+                .and_then(|d| {
+                    observe::first_record(&kafka.brokers())?
+                        .check()
+                        .context("the script's records fail the contract check")?;
+                    Ok(d)
+                })
                 .map_err(|e| format!("{e:#}"));
             report_peer("peer", &result);
             peer.drains.push((per_tx, result));

@@ -432,6 +432,25 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
             }
         }
     }
+    // SPEC §9 against Debezium: throughput (steady rates, 100 / tx), memory, p99 at 5k/s.
+    let relay_100 = shapes
+        .iter()
+        .find(|s| s.per_tx == 100)
+        .and_then(|s| s.relay.as_ref().ok())
+        .map(relay_as_peer);
+    let vs_debezium = VsDebezium {
+        eps: relay_100
+            .zip(x.debezium.drain(100))
+            .map(|(r, d)| r.steady_eps() / d.steady_eps()),
+        rss: relay_100
+            .zip(x.debezium.drain(100))
+            .map(|(r, d)| r.peak_rss_kb as f64 / d.peak_rss_kb as f64),
+        p99: x
+            .latency
+            .and_then(|l| l.appended)
+            .zip(x.debezium.latency())
+            .map(|(r, d)| (r.p99_ms, d.appended.p99_ms)),
+    };
     let lat_row = |out: &mut String,
                    name: &str,
                    l: Option<(f64, u64, Appended, f64, u64)>,
@@ -503,6 +522,18 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
                 (None, None) => {}
             }
         }
+    }
+    if vs_debezium.eps.is_some() || vs_debezium.p99.is_some() {
+        let _ = writeln!(
+            out,
+            "relay vs Debezium (SPEC: >= 2.5x throughput, <= 1/10 memory, lower p99): throughput {}, RSS {}, p99 at {} events/s {}",
+            vs_debezium.eps.map_or("-".into(), |r| format!("{r:.2}x")),
+            vs_debezium.rss.map_or("-".into(), |r| format!("{r:.3}x")),
+            opts.latency_rate,
+            vs_debezium
+                .p99
+                .map_or("-".into(), |(r, d)| format!("{r:.2} vs {d:.2} ms")),
+        );
     }
     print!("{out}");
 
@@ -591,6 +622,8 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         "debezium_latency_p99_ms": dbz.latency().map(|l| l.appended.p99_ms),
         "debezium_latency_cpu_us_per_event": dbz.latency().map(|l| l.cpu_us_per_event),
         "debezium_skipped": dbz.skipped.as_deref(),
+        "relay_vs_debezium_eps": vs_debezium.eps,
+        "relay_vs_debezium_rss": vs_debezium.rss,
         "peer_eps": peer.drain(100).map(|d| d.eps()),
         "peer_eps_1tx": peer.drain(1).map(|d| d.eps()),
         "peer_steady_eps": peer.drain(100).map(|d| d.steady_eps()),
@@ -604,6 +637,14 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         "failures": failures,
     });
     println!("{json}");
+}
+
+/// The relay against Debezium: steady-rate ratio (100 / tx), RSS ratio, p99s at the first
+/// latency rate (commit to broker append, both).
+struct VsDebezium {
+    eps: Option<f64>,
+    rss: Option<f64>,
+    p99: Option<(f64, f64)>,
 }
 
 /// The relay's drain in the peers' terms: first and last acknowledgement from spawn.
