@@ -390,6 +390,9 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         }
     };
     for per_tx in [100, 1] {
+        if !shapes.iter().any(|s| s.per_tx == per_tx) {
+            continue;
+        }
         let relay = shapes
             .iter()
             .find(|s| s.per_tx == per_tx)
