@@ -23,7 +23,7 @@ use crate::broker::Broker;
 use crate::latency::{paced_write, WriterStats};
 use crate::observe::{append_latencies, first_record, EndOffsets};
 use crate::procfs::{proc_cpu_ticks, proc_status_kb};
-use crate::report::{PeerDrain, PeerLatency};
+use crate::side_by_side::{PeerDrain, PeerLatency};
 use crate::{Env, DB, SCRAPE_EVERY, STALL, WARM_UP_SECS};
 
 /// Every Debezium artifact's version.

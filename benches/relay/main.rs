@@ -43,7 +43,7 @@
 //!
 //! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`, `debezium`),
 //! the relay under test (`relay`), what is read from `/proc`, `/metrics` and the broker
-//! (`procfs`, `metrics`, `observe`) and the `report`; Postgres, the brokers and child processes
+//! (`procfs`, `metrics`, `observe`) and the `report` (with `side_by_side`); Postgres, the brokers and child processes
 //! come from the test kit (`testkit/`).
 
 #![recursion_limit = "256"]
@@ -59,6 +59,7 @@ mod peer;
 mod procfs;
 mod relay;
 mod report;
+mod side_by_side;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -77,7 +78,8 @@ use decode::{null_consume_on_own_thread, recvlogical_ceiling};
 use latency::{latency_floor, latency_run};
 use peer::{peer_latency, run_peer, setup_peer};
 use procfs::clock_ticks;
-use report::{report, Extras, Latency, PeerRuns, Shape};
+use report::{report, Extras, Latency, Shape};
+use side_by_side::{report_peer, report_peer_latency, PeerRuns};
 
 /// The relay's allocator, so the null consumer and the plain producer pay what the relay pays.
 #[global_allocator]
@@ -541,31 +543,6 @@ fn run(opts: &Opts) -> Result<()> {
         },
     );
     Ok(())
-}
-
-fn report_peer(name: &str, result: &std::result::Result<report::PeerDrain, String>) {
-    match result {
-        Ok(d) => eprintln!(
-            "[bench]   {name}: {:.0} events/s from spawn ({:.2} s; first record at {:.2} s, {:.0} events/s after it), {:.2} us CPU/event, peak RSS {:.1} MB",
-            d.eps(),
-            d.secs,
-            d.first_record_secs,
-            d.steady_eps(),
-            d.cpu_us_per_event(),
-            d.peak_rss_kb as f64 / 1024.0
-        ),
-        Err(e) => eprintln!("[bench]   {name} FAILED: {e}"),
-    }
-}
-
-fn report_peer_latency(name: &str, result: &std::result::Result<report::PeerLatency, String>) {
-    match result {
-        Ok(l) => eprintln!(
-            "[bench]   {name}: commit -> append p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {:.0} events/s",
-            l.appended.p50_ms, l.appended.p99_ms, l.appended.max_ms, l.achieved_rate
-        ),
-        Err(e) => eprintln!("[bench]   {name} FAILED: {e}"),
-    }
 }
 
 /// What every phase needs.

@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::latency::paced_write;
 use crate::observe::{append_latencies, EndOffsets};
 use crate::procfs::{proc_cpu_ticks, proc_state, proc_status_kb};
-use crate::report::{PeerDrain, PeerLatency};
+use crate::side_by_side::{PeerDrain, PeerLatency};
 use crate::{Env, DB, SCRAPE_EVERY, WARM_UP_SECS};
 
 /// The peer's producer: wal2json (format-version 2, one change per line) on stdin, one
