@@ -292,7 +292,7 @@ pub fn drain_debezium(
             };
             connect.stop();
             first_record(&broker.brokers())?
-                .check()
+                .check(env)
                 .context("Debezium's records do not have the relay's contract")?;
             return Ok(drain);
         }

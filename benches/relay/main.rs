@@ -403,7 +403,7 @@ fn run(opts: &Opts) -> Result<()> {
             drain_relay(&env, &kafka, &slots.relay, n, end)
                 .and_then(|d| {
                     observe::first_record(&kafka.brokers())?
-                        .check()
+                        .check(&env)
                         .context("the relay's records fail the contract check")?;
                     Ok(d)
                 })
@@ -426,7 +426,7 @@ fn run(opts: &Opts) -> Result<()> {
             let result = run_peer(&env, &kafka, python, slots.peer.as_deref(), n, end)
                 .and_then(|d| {
                     observe::first_record(&kafka.brokers())?
-                        .check()
+                        .check(&env)
                         .context("the script's records fail the contract check")?;
                     Ok(d)
                 })

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::{PARTITIONS, TOPIC};
+use crate::{Env, PARTITIONS, TOPIC};
 
 fn consumer(brokers: &str) -> Result<BaseConsumer> {
     ClientConfig::new()
@@ -80,8 +80,9 @@ impl Sample {
     }
 
     /// Whether it has the relay's record contract (SPEC §3) for a bench event: the key is the
-    /// aggregate id, the value the payload as stored, header `id` a UUID.
-    pub fn check(&self) -> Result<()> {
+    /// aggregate id, the value the payload as stored, header `id` the row's id (looked up in
+    /// `outbox.events`, which still holds the backlog).
+    pub fn check(&self, env: &Env<'_>) -> Result<()> {
         let value = self.value.as_deref().unwrap_or("");
         let g = order_id(value.as_bytes()).ok_or_else(|| anyhow!("value {value:?}"))?;
         let (mut key, mut expected, mut trace) = (String::new(), String::new(), String::new());
@@ -93,8 +94,16 @@ impl Sample {
             bail!("value {value:?}, expected {expected:?}");
         }
         let id = self.header("id").unwrap_or("");
-        if id.len() != 36 || id.matches('-').count() != 4 {
-            bail!("header id {id:?} is not a UUID; headers {:?}", self.headers);
+        let row = env.rt.block_on(env.db.query_opt(
+            "SELECT id::text FROM outbox.events WHERE (payload->>'order_id')::bigint = $1",
+            &[&(g as i64)],
+        ))?;
+        let row_id: Option<String> = row.map(|r| r.get(0));
+        if row_id.as_deref() != Some(id) {
+            bail!(
+                "header id {id:?}, the row's id {row_id:?}; headers {:?}",
+                self.headers
+            );
         }
         Ok(())
     }
