@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use testkit::Tansu;
 
+use crate::broker::Broker;
 use crate::metrics::{gauge, published};
 use crate::procfs::CpuSnapshot;
 use crate::relay::RelayProc;
@@ -47,19 +47,28 @@ pub struct Slots {
     /// `pg_recvlogical` into `/dev/null`.
     pub recvlogical: String,
     pub relay: String,
+    /// The `pg_recvlogical` + Python peer's (wal2json).
     pub peer: Option<String>,
+    /// Debezium's (pgoutput).
+    pub debezium: Option<String>,
 }
 
 impl Slots {
-    pub fn create(env: &Env<'_>, tag: &str, with_peer: bool) -> Result<Slots> {
+    pub fn create(env: &Env<'_>, tag: &str, with_peer: bool, with_debezium: bool) -> Result<Slots> {
         let slots = Slots {
             null: [format!("bench_null_{tag}"), format!("bench_null2_{tag}")],
             recvlogical: format!("bench_recvlogical_{tag}"),
             relay: format!("bench_relay_{tag}"),
             peer: with_peer.then(|| format!("bench_peer_{tag}")),
+            debezium: with_debezium.then(|| format!("bench_debezium_{tag}")),
         };
         let mut sql = String::new();
-        for slot in slots.null.iter().chain([&slots.recvlogical, &slots.relay]) {
+        for slot in slots
+            .null
+            .iter()
+            .chain([&slots.recvlogical, &slots.relay])
+            .chain(slots.debezium.as_ref())
+        {
             let _ = writeln!(
                 sql,
                 "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
@@ -81,6 +90,7 @@ impl Slots {
             .iter()
             .chain([&self.recvlogical, &self.relay])
             .chain(self.peer.as_ref())
+            .chain(self.debezium.as_ref())
         {
             drop_slot(env, slot)?;
         }
@@ -159,14 +169,21 @@ pub fn write_backlog(env: &Env<'_>, n: u64, per_tx: u64) -> Result<(f64, u64)> {
 
 /// Runs the relay on `slot` from its spawn until it has published `n` events and the slot is
 /// confirmed at or past `end`.
-pub fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -> Result<Drain> {
+pub fn drain_relay(
+    env: &Env<'_>,
+    broker: &dyn Broker,
+    slot: &str,
+    n: u64,
+    end: u64,
+) -> Result<Drain> {
     let t0 = Instant::now();
-    let mut relay = RelayProc::start(env, tansu, slot)?;
-    let own = [std::process::id(), relay.id(), tansu.pid()];
+    let mut relay = RelayProc::start(env, broker, slot)?;
+    let own = [std::process::id(), relay.id(), broker.pid()];
     let cpu0 = CpuSnapshot::take(&own, env.postmaster);
     let deadline = t0 + Duration::from_secs(120 + n / 1000);
     let mut acked_secs = None;
     let mut first_ack_secs = None;
+    let mut first_ack_published = 0;
     // Progress: (published, when it last grew).
     let mut progress = (0, Instant::now());
     let trace = std::env::var_os("RELAY_BENCH_TRACE").is_some();
@@ -195,6 +212,7 @@ pub fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -
                 }
                 if published > 0 && first_ack_secs.is_none() {
                     first_ack_secs = Some(t0.elapsed().as_secs_f64());
+                    first_ack_published = published;
                 }
                 // A reconnect is a fault: the drain would resend and its numbers mean nothing.
                 let reconnects = metrics
@@ -230,6 +248,7 @@ pub fn drain_relay(env: &Env<'_>, tansu: &Tansu, slot: &str, n: u64, end: u64) -
                         secs,
                         acked_secs,
                         first_ack_secs: first_ack_secs.unwrap_or(acked_secs),
+                        first_ack_published,
                         cpu_secs: relay.cpu_secs(env.clk_tck),
                         peak_rss_kb: relay.peak_rss_kb(),
                         host_cores: 0.0,

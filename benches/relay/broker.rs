@@ -1,6 +1,7 @@
 //! The broker ceiling (measurement 2): a plain rdkafka producer with the relay's producer
 //! settings (`sink::kafka::client_config`) sending records of the relay's shape, until every
-//! delivery report is in; and the fresh broker every Kafka measurement gets.
+//! delivery report is in; and the fresh broker every Kafka measurement gets: Apache Kafka
+//! (the broker of record), or tansu for its ceiling beside Kafka's.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,11 +16,51 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
-use testkit::Tansu;
+use testkit::{Kafka, KafkaOptions, Tansu};
 
 use crate::procfs::{own_cpu_secs, unix_ms};
 use crate::report::Rate;
 use crate::{event_fields, PARTITIONS, TOPIC};
+
+/// A broker the bench measures against: where clients connect, and its process (whose CPU
+/// counts as the bench's own).
+pub trait Broker {
+    fn brokers(&self) -> String;
+    fn pid(&self) -> u32;
+}
+
+impl Broker for Kafka {
+    fn brokers(&self) -> String {
+        Kafka::brokers(self)
+    }
+    fn pid(&self) -> u32 {
+        Kafka::pid(self)
+    }
+}
+
+impl Broker for Tansu {
+    fn brokers(&self) -> String {
+        Tansu::brokers(self)
+    }
+    fn pid(&self) -> u32 {
+        Tansu::pid(self)
+    }
+}
+
+/// A fresh Apache Kafka broker (KRaft, one node, G1 and a 1 GiB heap, the test kit's
+/// throughput options) with the bench topic; killed on drop, its data removed.
+pub fn start_kafka() -> Result<Kafka> {
+    start_kafka_with(&[])
+}
+
+/// [`start_kafka`] with topic configs (`message.timestamp.type`).
+pub fn start_kafka_with(topic_configs: &[(&str, &str)]) -> Result<Kafka> {
+    let kafka = Kafka::try_start_with(KafkaOptions::for_throughput()).map_err(|e| anyhow!(e))?;
+    kafka
+        .try_create_topic_with(TOPIC, PARTITIONS, topic_configs)
+        .map_err(|e| anyhow!(e))?;
+    Ok(kafka)
+}
 
 /// A fresh `tansu` broker (in-memory storage) with the bench topic; killed on drop.
 pub fn start_tansu() -> Result<Tansu> {
@@ -51,9 +92,9 @@ impl ProducerContext for CountingContext {
 
 /// `n` records shaped like the relay's (key, the same ~110-byte JSON value, 5 headers, a
 /// timestamp) through a `ThreadedProducer` with the relay's settings, until all are acked.
-pub fn broker_ceiling(tansu: &Tansu, n: u64) -> Result<Rate> {
+pub fn broker_ceiling(broker: &dyn Broker, n: u64) -> Result<Rate> {
     let kafka = KafkaConfig {
-        brokers: tansu.brokers(),
+        brokers: broker.brokers(),
         ..KafkaConfig::default()
     };
     let acked = Arc::new(AtomicU64::new(0));

@@ -9,14 +9,17 @@ use outbox_relay::config::Config;
 use outbox_relay::source::logical::replication_config;
 use outbox_relay::source::pgoutput::{self, Message};
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
-use testkit::Tansu;
 
 use crate::backlog::{connect, drop_slot};
+use crate::broker::Broker;
 use crate::metrics::{bucket_quantile, gauge, histogram, histogram_sum_count, published};
+use crate::observe::append_latencies;
 use crate::procfs::unix_micros;
 use crate::relay::{relay_toml, RelayProc};
 use crate::report::{Floor, Latency};
-use crate::{event_fields, Env, Opts, CONFIRM_EVERY, DB, SCRAPE_EVERY, WRITER_CONNECTIONS};
+use crate::{
+    event_fields, Env, Opts, CONFIRM_EVERY, DB, SCRAPE_EVERY, WARM_UP_SECS, WRITER_CONNECTIONS,
+};
 
 /// One paced event, one transaction (autocommit); the values are formatted client side, as
 /// an application would, by [`event_fields`].
@@ -33,7 +36,7 @@ pub fn latency_floor(env: &Env<'_>, opts: &Opts) -> Result<Floor> {
         &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
     )?;
     let rate = opts.latency_rate;
-    let warm = rate * 2;
+    let warm = rate * WARM_UP_SECS;
     let count = rate * opts.latency_secs;
     let mut latencies = env.rt.block_on(async {
         let follower = tokio::spawn(null_follow(
@@ -115,9 +118,16 @@ pub async fn null_follow(url: String, slot: String, n: u64) -> Result<Vec<f64>> 
     Ok(latencies)
 }
 
-pub fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency> {
-    let slot = "bench_relay_latency";
-    let mut relay = RelayProc::start(env, tansu, slot)?;
+/// The relay at `rate` events/s for `secs` s (after [`WARM_UP_SECS`] of warm-up) on a broker whose topic
+/// has `LogAppendTime`: its own histogram, and commit-to-append seen in the broker.
+pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> Result<Latency> {
+    let slot = format!("bench_relay_latency_{rate}");
+    let slot = slot.as_str();
+    env.pg.psql(
+        DB,
+        &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+    )?;
+    let mut relay = RelayProc::start(env, broker, slot)?;
     // Streaming once the relay holds its slot.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -136,16 +146,15 @@ pub fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency>
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let rate = opts.latency_rate;
     // Warm-up (topic metadata, connections), not measured.
-    let warm = rate * 2;
+    let warm = rate * WARM_UP_SECS;
     env.rt
         .block_on(paced_write(env.url.to_owned(), rate, warm, 0))
         .context("warm-up writer")?;
     wait_published(&mut relay, warm)?;
     let before = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
     let cpu_before = relay.cpu_secs(env.clk_tck);
-    let count = rate * opts.latency_secs;
+    let count = rate * secs;
     let writer = env
         .rt
         .spawn(paced_write(env.url.to_owned(), rate, count, warm));
@@ -186,6 +195,8 @@ pub fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency>
     relay.stop();
     drop_slot(env, slot)?;
     env.pg.psql(DB, "TRUNCATE outbox.events")?;
+    let appended = append_latencies(&broker.brokers(), warm, &writer.commits_us)
+        .context("reading the relay's records back")?;
 
     let h0 = histogram(&before, "outbox_relay_end_to_end_latency_seconds");
     let h1 = histogram(&after, "outbox_relay_end_to_end_latency_seconds");
@@ -215,6 +226,7 @@ pub fn latency_run(env: &Env<'_>, tansu: &Tansu, opts: &Opts) -> Result<Latency>
         cpu_us_per_event: cpu * 1e6 / count as f64,
         peak_rss_kb,
         floor: None,
+        appended: Some(appended),
     })
 }
 
@@ -237,16 +249,25 @@ pub fn wait_published(relay: &mut RelayProc, n: u64) -> Result<()> {
 
 pub struct WriterStats {
     pub secs: f64,
-    commit_p99_ms: f64,
+    pub commit_p99_ms: f64,
     pub max_late_ms: f64,
+    /// When each event's commit returned to the writer (Unix µs), by event.
+    pub commits_us: Vec<i64>,
+}
+
+/// Connections the paced writer uses at `rate`: [`WRITER_CONNECTIONS`], and one more for each
+/// 2,500 events/s beyond 10,000 (one connection's round trips cap its rate).
+pub fn writer_connections(rate: u64) -> u64 {
+    WRITER_CONNECTIONS.max(rate / 2_500)
 }
 
 /// `count` events at `rate` per second, one per transaction, spread round-robin over
-/// [`WRITER_CONNECTIONS`] connections; event `e` is due at `start + e / rate` (a late
+/// [`writer_connections`] connections; event `e` is due at `start + e / rate` (a late
 /// connection catches up).
 pub async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Result<WriterStats> {
+    let connections = writer_connections(rate);
     let mut clients = Vec::new();
-    for _ in 0..WRITER_CONNECTIONS {
+    for _ in 0..connections {
         let client = connect(&url).await?;
         let stmt = client.prepare(INSERT_ONE).await?;
         clients.push((client, stmt));
@@ -255,7 +276,8 @@ pub async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Resu
     let mut tasks = Vec::new();
     for (k, (client, stmt)) in clients.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            let mut commits = Vec::with_capacity((count / WRITER_CONNECTIONS + 1) as usize);
+            let mut commits = Vec::with_capacity((count / connections + 1) as usize);
+            let mut returned = Vec::with_capacity((count / connections + 1) as usize);
             let mut max_late = Duration::ZERO;
             let mut e = k as u64;
             while e < count {
@@ -269,17 +291,22 @@ pub async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Resu
                 max_late = max_late.max(sent - due);
                 client.execute(&stmt, &[&key, &value, &headers]).await?;
                 commits.push(sent.elapsed());
-                e += WRITER_CONNECTIONS;
+                returned.push((e, unix_micros()));
+                e += connections;
             }
-            Ok::<_, anyhow::Error>((commits, max_late))
+            Ok::<_, anyhow::Error>((commits, max_late, returned))
         }));
     }
     let mut commits = Vec::new();
     let mut max_late = Duration::ZERO;
+    let mut commits_us = vec![0; count as usize];
     for task in tasks {
-        let (c, late) = task.await??;
+        let (c, late, returned) = task.await??;
         commits.extend(c);
         max_late = max_late.max(late);
+        for (e, us) in returned {
+            commits_us[e as usize] = us;
+        }
     }
     let secs = start.elapsed().as_secs_f64();
     commits.sort_unstable();
@@ -291,5 +318,6 @@ pub async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Resu
         secs,
         commit_p99_ms: p99.as_secs_f64() * 1e3,
         max_late_ms: max_late.as_secs_f64() * 1e3,
+        commits_us,
     })
 }

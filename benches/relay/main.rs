@@ -1,51 +1,65 @@
 //! The relay benchmark (SPEC §9, `docs/PERFORMANCE.md`):
 //!
 //! ```sh
-//! cargo bench --bench relay              # full run: 1,000,000-event backlogs, 30 s latency run
-//! cargo bench --bench relay -- --quick   # 50,000-event backlogs, 10 s latency run
+//! cargo bench --bench relay              # full run: 1,000,000-event backlogs, 30 s latency runs
+//! cargo bench --bench relay -- --quick   # 50,000-event backlogs, 10 s latency runs
 //! cargo bench --bench relay -- --events 200000   # another backlog size
+//! cargo bench --bench relay -- --no-peers        # the relay alone
 //! ```
 //!
 //! One run on one machine, everything local: a throwaway Postgres (`wal_level = logical`), a
-//! fresh in-memory `tansu` broker for every Kafka measurement, and the relay binary (built by
-//! `cargo bench` with the bench profile) as a child process. It measures, for the same WAL:
+//! fresh Apache Kafka broker (the test kit's, KRaft, one node) for every Kafka measurement, and
+//! the relay binary (built by `cargo bench` with the bench profile) as a child process. It
+//! measures, for the same WAL:
 //!
 //! 1. the **decode ceiling**: a null consumer of the replication stream (pgwire-replication and
 //!    our `pgoutput::decode`, every column walked, nothing sent), on its own slot created
 //!    before the backlog was written, until it has seen the backlog's last `Commit`;
 //! 2. the **broker ceiling**: a plain rdkafka producer with the relay's producer settings
 //!    (`sink::kafka::client_config`) sending records of the same shape, until every delivery
-//!    report is in;
+//!    report is in; on Apache Kafka, and on tansu beside it when tansu is installed;
 //! 3. **relay throughput** for 1, 10 and 100 events per transaction (and one transaction of
 //!    the whole backlog): the relay binary draining the backlog on its own slot, from its spawn
 //!    until `outbox_relay_events_published_total` reaches N and the slot's
 //!    `confirmed_flush_lsn` reaches the end of the backlog; with the relay's CPU time
 //!    (`/proc/PID/stat`) and peak RSS (`VmHWM`);
-//! 4. **latency**: commit to Kafka ack at a steady paced rate, one event per transaction, from
-//!    the relay's own histogram (bucket-interpolated like Prometheus' `histogram_quantile`);
-//! 5. a **peer**: `pg_recvlogical` with wal2json piped into a minimal Python producer on
-//!    PyPI's `confluent-kafka`, what a user would script instead (skipped, with the reason,
-//!    when wal2json or confluent-kafka cannot be installed).
+//! 4. **latency**: commit to Kafka ack at a steady paced rate (5,000 and 20,000 events/s), one
+//!    event per transaction, from the relay's own histogram (bucket-interpolated like
+//!    Prometheus' `histogram_quantile`) and from the broker's `LogAppendTime` of each record;
+//! 5. a **peer script**: `pg_recvlogical` with wal2json piped into a minimal Python producer on
+//!    PyPI's `confluent-kafka`, what a user would script instead;
+//! 6. **Debezium**: Kafka Connect standalone with Debezium's PostgreSQL connector and its
+//!    Outbox Event Router, the incumbent, on its own slot of the same WAL and the same broker.
 //!
-//! It prints a table and then one JSON line. Progress goes to stderr. With
-//! `RELAY_BENCH_KEEP_LOGS=1` the relay's config and log directories (`/tmp/relay-bench-*`)
-//! are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is printed;
-//! `RELAY_BENCH_KAFKA_PROPERTIES="k=v,..."` adds producer settings to the relay under test. Run under `cargo test`
-//! or `cargo nextest` (no `--bench` argument) it does nothing: it is not a test.
+//! The peers drain the 100- and 1-per-transaction backlogs and follow the paced writer at
+//! 5,000 events/s; each is skipped, with the reason, when it cannot be set up.
 //!
-//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`), the relay
-//! under test (`relay`), what is read from `/proc` and `/metrics` (`procfs`, `metrics`) and the
-//! `report`; Postgres, the broker and child processes come from the test kit (`testkit/`).
+//! It prints tables and then one JSON line. Progress goes to stderr. With
+//! `RELAY_BENCH_KEEP_LOGS=1` the relay's and Connect's config and log directories
+//! (`/tmp/relay-bench-*`) are kept; with `RELAY_BENCH_TRACE=1` every scrape of a drain is
+//! printed; `RELAY_BENCH_KAFKA_PROPERTIES="k=v,..."` adds producer settings to the relay under
+//! test. Run under `cargo test` or `cargo nextest` (no `--bench` argument) it does nothing: it
+//! is not a test.
+//!
+//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`, `debezium`),
+//! the relay under test (`relay`), what is read from `/proc`, `/metrics` and the broker
+//! (`procfs`, `metrics`, `observe`) and the `report` (with `side_by_side`); Postgres, the brokers and child processes
+//! come from the test kit (`testkit/`).
+
+#![recursion_limit = "256"]
 
 mod backlog;
 mod broker;
+mod debezium;
 mod decode;
 mod latency;
 mod metrics;
+mod observe;
 mod peer;
 mod procfs;
 mod relay;
 mod report;
+mod side_by_side;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -58,12 +72,14 @@ use testkit::{try_tansu_bin, PostgresOptions, ThrowawayPostgres};
 use tokio::runtime::Runtime;
 
 use backlog::{connect, drain_relay, write_backlog, Slots};
-use broker::{broker_ceiling, start_tansu};
+use broker::{broker_ceiling, start_kafka, start_kafka_with, start_tansu};
+use debezium::{debezium_latency, drain_debezium, setup_debezium, DEBEZIUM_PUBLICATION};
 use decode::{null_consume_on_own_thread, recvlogical_ceiling};
 use latency::{latency_floor, latency_run};
-use peer::{run_peer, setup_peer};
+use peer::{peer_latency, run_peer, setup_peer};
 use procfs::clock_ticks;
-use report::{report, Latency, Peer, Shape};
+use report::{report, Extras, Latency, Shape};
+use side_by_side::{report_peer, report_peer_latency, PeerRuns};
 
 /// The relay's allocator, so the null consumer and the plain producer pay what the relay pays.
 #[global_allocator]
@@ -92,6 +108,10 @@ const STALL: Duration = Duration::from_secs(60);
 
 /// How often the null consumers confirm their position (the relay's tick).
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+
+/// Seconds of paced writing before a latency run measures: the broker is a fresh JVM, and
+/// its first seconds (and Debezium's) are spent compiling.
+const WARM_UP_SECS: u64 = 5;
 
 /// Connections of the paced writer in the latency run.
 const WRITER_CONNECTIONS: u64 = 4;
@@ -154,6 +174,10 @@ struct Opts {
     events: u64,
     latency_rate: u64,
     latency_secs: u64,
+    /// The relay's second latency point (SPEC §9: p99 under 25 ms at 20,000 events/s).
+    latency_rate_high: u64,
+    /// `--no-peers`: measure the relay alone (no Debezium, no script).
+    peers: bool,
     /// `--only PARTS`: run just these parts (while iterating), a comma-separated list of
     /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four) and `latency`.
     only: Option<Vec<String>>,
@@ -167,6 +191,8 @@ impl Opts {
             events: if quick { 50_000 } else { 1_000_000 },
             latency_rate: 5_000,
             latency_secs: if quick { 10 } else { 30 },
+            latency_rate_high: 20_000,
+            peers: !args.iter().any(|a| a == "--no-peers"),
             only: None,
         };
         let mut it = args.iter();
@@ -182,6 +208,9 @@ impl Opts {
                 "--events" => opts.events = value("--events")?.max(1000),
                 "--latency-secs" => opts.latency_secs = value("--latency-secs")?.max(1),
                 "--latency-rate" => opts.latency_rate = value("--latency-rate")?.max(1),
+                "--latency-rate-high" => {
+                    opts.latency_rate_high = value("--latency-rate-high")?.max(1)
+                }
                 "--only" => {
                     let parts: Vec<String> = it
                         .next()
@@ -208,9 +237,10 @@ impl Opts {
 fn run(opts: &Opts) -> Result<()> {
     let n = opts.events;
     eprintln!(
-        "[bench] {} mode: {n} events per backlog, latency {} events/s for {} s",
+        "[bench] {} mode: {n} events per backlog, latency {} and {} events/s for {} s",
         if opts.quick { "quick" } else { "full" },
         opts.latency_rate,
+        opts.latency_rate_high,
         opts.latency_secs
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -218,7 +248,12 @@ fn run(opts: &Opts) -> Result<()> {
         .enable_all()
         .build()?;
     let clk_tck = clock_ticks();
-    try_tansu_bin().map_err(|e| anyhow!(e))?;
+    // The broker of record is Apache Kafka; tansu only adds its ceiling beside Kafka's.
+    testkit::kafka_libs().map_err(|e| anyhow!(e))?;
+    let tansu = try_tansu_bin().map(|_| ());
+    if let Err(why) = &tansu {
+        eprintln!("[bench] tansu's broker ceiling skipped: {why}");
+    }
 
     let pg = ThrowawayPostgres::start_with(
         &PostgresOptions::default()
@@ -235,7 +270,10 @@ fn run(opts: &Opts) -> Result<()> {
         .context("creating the bench functions")?;
     pg.psql(
         DB,
-        &format!("CREATE PUBLICATION {PUBLICATION} FOR TABLE outbox.events"),
+        &format!(
+            "CREATE PUBLICATION {PUBLICATION} FOR TABLE outbox.events;\n\
+             CREATE PUBLICATION {DEBEZIUM_PUBLICATION} FOR TABLE outbox.events;"
+        ),
     )?;
     let url = pg.url(DB);
     let db = rt.block_on(connect(&url))?;
@@ -256,19 +294,46 @@ fn run(opts: &Opts) -> Result<()> {
                 .any(|o| o == part || (o == "backlogs" && part != "latency"))
         })
     };
-    let peer_setup = if runs("100") {
+    let peers_wanted = opts.peers && (runs("100") || runs("1") || runs("latency"));
+    let why_not = |what: &str| {
+        if opts.peers {
+            format!("{what} not run (--only)")
+        } else {
+            format!("{what} not run (--no-peers)")
+        }
+    };
+    let peer_setup = if peers_wanted {
         setup_peer(&pg)
     } else {
-        Err("not run (--only)".to_string())
+        Err(why_not("the script"))
     };
     if let Err(why) = &peer_setup {
         eprintln!("[bench] peer skipped: {why}");
     }
+    let debezium_setup = if peers_wanted {
+        setup_debezium()
+    } else {
+        Err(why_not("Debezium"))
+    };
+    if let Err(why) = &debezium_setup {
+        eprintln!("[bench] Debezium skipped: {why}");
+    }
+    let mut peer = match &peer_setup {
+        Ok(_) => PeerRuns::default(),
+        Err(why) => PeerRuns::skipped(why.clone()),
+    };
+    let mut dbz = match &debezium_setup {
+        Ok(_) => PeerRuns::default(),
+        Err(why) => PeerRuns::skipped(why.clone()),
+    };
 
-    // 100 events per transaction: decode ceiling, broker ceiling, relay, peer, on one WAL.
+    // Each shape: decode ceiling, (broker ceiling), relay, (the peers), on one WAL.
     let mut shapes = Vec::new();
-    let mut peer = Peer::Skipped(peer_setup.clone().err().unwrap_or_default());
     let mut broker = None;
+    let mut tansu_broker = Err(match &tansu {
+        Ok(()) => "not run (--only)".to_string(),
+        Err(why) => why.clone(),
+    });
     let backlogs = [
         (100, "100", "100 / tx"),
         (10, "10", "10 / tx"),
@@ -276,8 +341,10 @@ fn run(opts: &Opts) -> Result<()> {
         (n, "big", "1 tx of N"),
     ];
     for (per_tx, tag, label) in backlogs.into_iter().filter(|b| runs(b.1)) {
-        let with_peer = per_tx == 100 && peer_setup.is_ok();
-        let slots = Slots::create(&env, tag, with_peer)?;
+        let side_by_side = per_tx == 100 || per_tx == 1;
+        let with_peer = side_by_side && peer_setup.is_ok();
+        let with_debezium = side_by_side && debezium_setup.is_ok();
+        let slots = Slots::create(&env, tag, with_peer, with_debezium)?;
         eprintln!("[bench] writing {n} events, {per_tx} per transaction");
         let (write_secs, end) = write_backlog(&env, n, per_tx)?;
         eprintln!(
@@ -307,18 +374,40 @@ fn run(opts: &Opts) -> Result<()> {
             }
         };
         if per_tx == 100 {
-            let tansu = start_tansu()?;
-            let rate = broker_ceiling(&tansu, n)?;
+            let kafka = start_kafka()?;
+            let rate = broker_ceiling(&kafka, n)?;
+            drop(kafka);
             eprintln!(
-                "[bench]   broker ceiling: {:.0} events/s ({:.2} s)",
+                "[bench]   broker ceiling, Apache Kafka: {:.0} events/s ({:.2} s)",
                 rate.eps(),
                 rate.secs
             );
             broker = Some(rate);
+            if tansu.is_ok() {
+                tansu_broker = start_tansu()
+                    .and_then(|t| broker_ceiling(&t, n))
+                    .map_err(|e| format!("{e:#}"));
+                match &tansu_broker {
+                    Ok(rate) => eprintln!(
+                        "[bench]   broker ceiling, tansu: {:.0} events/s ({:.2} s)",
+                        rate.eps(),
+                        rate.secs
+                    ),
+                    Err(e) => eprintln!("[bench]   broker ceiling, tansu, FAILED: {e}"),
+                }
+            }
         }
         let relay = {
-            let tansu = start_tansu()?;
-            drain_relay(&env, &tansu, &slots.relay, n, end).map_err(|e| format!("{e:#}"))
+            let kafka = start_kafka()?;
+            // The contract check that Debezium's records must pass holds for the relay's.
+            drain_relay(&env, &kafka, &slots.relay, n, end)
+                .and_then(|d| {
+                    observe::first_record(&kafka.brokers())?
+                        .check(&env)
+                        .context("the relay's records fail the contract check")?;
+                    Ok(d)
+                })
+                .map_err(|e| format!("{e:#}"))
         };
         match &relay {
             Ok(relay) => eprintln!(
@@ -332,20 +421,26 @@ fn run(opts: &Opts) -> Result<()> {
             Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
         }
         if with_peer {
-            let tansu = start_tansu()?;
+            let kafka = start_kafka()?;
             let python = peer_setup.as_ref().expect("peer is set up");
-            peer = match run_peer(&env, &tansu, python, slots.peer.as_deref(), n, end) {
-                Ok(p) => p,
-                Err(e) => Peer::Skipped(format!("the peer failed: {e:#}")),
-            };
-            match &peer {
-                Peer::Ran { rate, .. } => eprintln!(
-                    "[bench]   peer: {:.0} events/s ({:.2} s)",
-                    rate.eps(),
-                    rate.secs
-                ),
-                Peer::Skipped(why) => eprintln!("[bench]   peer skipped: {why}"),
-            }
+            let result = run_peer(&env, &kafka, python, slots.peer.as_deref(), n, end)
+                .and_then(|d| {
+                    observe::first_record(&kafka.brokers())?
+                        .check(&env)
+                        .context("the script's records fail the contract check")?;
+                    Ok(d)
+                })
+                .map_err(|e| format!("{e:#}"));
+            report_peer("peer", &result);
+            peer.drains.push((per_tx, result));
+        }
+        if with_debezium {
+            let kafka = start_kafka()?;
+            let libs = debezium_setup.as_ref().expect("Debezium is set up");
+            let slot = slots.debezium.as_deref().expect("a Debezium slot");
+            let result = drain_debezium(&env, &kafka, libs, slot, n).map_err(|e| format!("{e:#}"));
+            report_peer("Debezium", &result);
+            dbz.drains.push((per_tx, result));
         }
         // The first reader of a fresh backlog can find Postgres still busy with it (the
         // checkpointer, the WAL's first read); a second run after the others gives the
@@ -375,31 +470,78 @@ fn run(opts: &Opts) -> Result<()> {
         });
     }
 
-    let latency = if runs("latency") {
+    // Latency: a topic with LogAppendTime, so the broker's append time is in every record.
+    let append_time = [("message.timestamp.type", "LogAppendTime")];
+    let mut latency = None;
+    let mut latency_high = None;
+    if runs("latency") {
+        let rate = opts.latency_rate;
         eprintln!(
-            "[bench] latency: {} events/s, 1 event per transaction, {} s",
-            opts.latency_rate, opts.latency_secs
+            "[bench] latency: {rate} events/s, 1 event per transaction, {} s",
+            opts.latency_secs
         );
         let floor = latency_floor(&env, opts)?;
         eprintln!(
             "[bench]   null consumer: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             floor.p50_ms, floor.p99_ms, floor.max_ms
         );
-        let tansu = start_tansu()?;
-        let latency = Latency {
+        let kafka = start_kafka_with(&append_time)?;
+        let run = Latency {
             floor: Some(floor),
-            ..latency_run(&env, &tansu, opts)?
+            ..latency_run(&env, &kafka, rate, opts.latency_secs)?
         };
+        drop(kafka);
         eprintln!(
-            "[bench]   relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
-            latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
+            "[bench]   relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms (histogram); commit -> append p99 {:.2} ms",
+            run.p50_ms,
+            run.p99_ms,
+            run.max_bucket_ms,
+            run.appended.map_or(f64::NAN, |a| a.p99_ms)
         );
-        Some(latency)
-    } else {
-        None
-    };
+        latency = Some(run);
+        if let Ok(libs) = &debezium_setup {
+            let kafka = start_kafka_with(&append_time)?;
+            let result = debezium_latency(&env, &kafka, libs, rate, opts.latency_secs)
+                .map_err(|e| format!("{e:#}"));
+            report_peer_latency("Debezium", &result);
+            dbz.latency = Some(result);
+        }
+        if let Ok(python) = &peer_setup {
+            let kafka = start_kafka_with(&append_time)?;
+            let result = peer_latency(&env, &kafka, python, rate, opts.latency_secs)
+                .map_err(|e| format!("{e:#}"));
+            report_peer_latency("peer", &result);
+            peer.latency = Some(result);
+        }
+        let high = opts.latency_rate_high;
+        eprintln!(
+            "[bench] latency: {high} events/s, 1 event per transaction, {} s",
+            opts.latency_secs
+        );
+        let kafka = start_kafka_with(&append_time)?;
+        let run = latency_run(&env, &kafka, high, opts.latency_secs).map_err(|e| format!("{e:#}"));
+        match &run {
+            Ok(l) => eprintln!(
+                "[bench]   relay: {:.0} events/s, p50 {:.2} ms, p99 {:.2} ms, max <= {} ms (histogram)",
+                l.achieved_rate, l.p50_ms, l.p99_ms, l.max_bucket_ms
+            ),
+            Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
+        }
+        latency_high = Some(run);
+    }
 
-    report(opts, &shapes, broker, &peer, latency.as_ref());
+    report(
+        opts,
+        &shapes,
+        &Extras {
+            broker,
+            tansu_broker,
+            latency: latency.as_ref(),
+            latency_high: latency_high.as_ref(),
+            debezium: &dbz,
+            peer: &peer,
+        },
+    );
     Ok(())
 }
 

@@ -120,6 +120,13 @@ pub fn proc_stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, utime + stime))
 }
 
+/// The state letter of `pid` (`Z` once it has exited and is not yet reaped: its CPU times are
+/// then final).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// A `kB` line of `/proc/PID/status` (`VmHWM`, `VmRSS`).
 pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

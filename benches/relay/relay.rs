@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use testkit::{free_port, relay_config, scrape, Relay, Tansu};
+use testkit::{free_port, relay_config, scrape, Relay};
 
+use crate::broker::Broker;
 use crate::procfs::{proc_cpu_ticks, proc_status_kb};
 use crate::{Env, PUBLICATION};
 
@@ -30,20 +31,20 @@ pub fn extra_kafka_properties() -> String {
     out
 }
 
-/// The relay binary running `run` on `slot` against `tansu`; killed on drop.
+/// The relay binary running `run` on `slot` against a broker; killed on drop.
 pub struct RelayProc {
     pub relay: Relay,
     pub http_port: u16,
 }
 
 impl RelayProc {
-    pub fn start(env: &Env<'_>, tansu: &Tansu, slot: &str) -> Result<RelayProc> {
+    pub fn start(env: &Env<'_>, broker: &dyn Broker, slot: &str) -> Result<RelayProc> {
         let dir = tempfile::Builder::new()
             .prefix("relay-bench-")
             .disable_cleanup(std::env::var_os("RELAY_BENCH_KEEP_LOGS").is_some())
             .tempdir()?;
         let http_port = free_port()?;
-        let config = relay_toml(env.url, slot, &tansu.brokers(), http_port);
+        let config = relay_toml(env.url, slot, &broker.brokers(), http_port);
         Ok(RelayProc {
             relay: Relay::start_in(dir, &config, &[]),
             http_port,

@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use crate::observe::Appended;
+use crate::side_by_side::{first_line, relay_as_peer, side_by_side, PeerRuns};
 use crate::Opts;
 
 /// What one relay drain measured.
@@ -15,6 +17,8 @@ pub struct Drain {
     /// Spawn to the first acknowledgement seen in `/metrics` (start-up: connections, slot,
     /// topic metadata).
     pub first_ack_secs: f64,
+    /// Events acknowledged by that first scrape.
+    pub first_ack_published: u64,
     pub cpu_secs: f64,
     pub peak_rss_kb: u64,
     /// Cores busy machine-wide during the drain (Postgres, tansu, the relay and anything
@@ -82,6 +86,9 @@ pub struct Latency {
     pub peak_rss_kb: u64,
     /// The null consumer's commit-to-decoded latency at the same rate (exact, not bucketed).
     pub floor: Option<Floor>,
+    /// Commit (as the writer saw it return) to the broker's append, per event: measured the
+    /// same way for the peers.
+    pub appended: Option<Appended>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -91,27 +98,28 @@ pub struct Floor {
     pub max_ms: f64,
 }
 
-#[derive(Debug, Clone)]
-pub enum Peer {
-    Ran { rate: Rate, delivered: u64 },
-    Skipped(String),
+/// Everything measured besides the relay's backlog shapes.
+pub struct Extras<'a> {
+    pub broker: Option<Rate>,
+    /// The same plain producer on tansu, or why it was not measured.
+    pub tansu_broker: std::result::Result<Rate, String>,
+    pub latency: Option<&'a Latency>,
+    /// The relay at the second, higher rate.
+    pub latency_high: Option<&'a std::result::Result<Latency, String>>,
+    pub debezium: &'a PeerRuns,
+    pub peer: &'a PeerRuns,
 }
 
-pub fn report(
-    opts: &Opts,
-    shapes: &[Shape],
-    broker: Option<Rate>,
-    peer: &Peer,
-    latency: Option<&Latency>,
-) {
+pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
     let n = opts.events;
     let mb = |kb: u64| kb as f64 / 1024.0;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nrelay benchmark ({} mode, N = {n} events per backlog, {} cores)",
+        "\nrelay benchmark ({} mode, N = {n} events per backlog, {} cores, Apache Kafka {})",
         if opts.quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(0, |p| p.get())
+        std::thread::available_parallelism().map_or(0, |p| p.get()),
+        testkit::KAFKA_VERSION
     );
     let _ = writeln!(
         out,
@@ -156,7 +164,7 @@ pub fn report(
                     s.label,
                     s.decode,
                     s.null.cpu_us_per_event(),
-                    e.lines().next().unwrap_or("")
+                    first_line(e)
                 );
             }
         }
@@ -170,32 +178,33 @@ pub fn report(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let Some(broker) = broker {
+    if let Some(broker) = x.broker {
         let _ = writeln!(
             out,
-            "broker ceiling (rdkafka, relay settings): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
+            "broker ceiling on Apache Kafka (rdkafka, relay settings): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
             broker.eps(),
             broker.secs,
             broker.cpu_us_per_event()
         );
     }
-    match peer {
-        Peer::Ran { rate, delivered } => {
+    match &x.tansu_broker {
+        Ok(t) => {
             let _ = writeln!(
                 out,
-                "peer (pg_recvlogical + wal2json | python confluent-kafka), 100 / tx: {:.0} events/s ({:.2} s, {delivered} delivered)",
-                rate.eps(),
-                rate.secs
+                "broker ceiling on tansu (the same producer): {:.0} events/s ({:.2} s), producer {:.2} us CPU/event",
+                t.eps(),
+                t.secs,
+                t.cpu_us_per_event()
             );
         }
-        Peer::Skipped(why) => {
-            let _ = writeln!(out, "peer: skipped ({why})");
+        Err(why) => {
+            let _ = writeln!(out, "broker ceiling on tansu: not measured ({why})");
         }
     }
-    if let Some(latency) = latency {
+    if let Some(latency) = x.latency {
         let _ = writeln!(
             out,
-            "latency at {:.0} events/s (1 / tx, {} events, commit -> Kafka ack, bucket-interpolated): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+            "latency at {:.0} events/s (1 / tx, {} events, commit -> Kafka ack, relay's histogram, bucket-interpolated): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
             latency.achieved_rate, latency.events, latency.p50_ms, latency.p99_ms, latency.max_bucket_ms
         );
         if let Some(floor) = &latency.floor {
@@ -214,6 +223,30 @@ pub fn report(
             mb(latency.peak_rss_kb)
         );
     }
+    match x.latency_high {
+        Some(Ok(l)) => {
+            let _ = writeln!(
+                out,
+                "latency at {:.0} events/s (1 / tx, {} events, relay's histogram): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms",
+                l.achieved_rate, l.events, l.p50_ms, l.p99_ms, l.max_bucket_ms
+            );
+            let _ = writeln!(
+                out,
+                "  commit -> broker append: p50 {:.2} ms, p99 {:.2} ms; writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event",
+                l.appended.map_or(f64::NAN, |a| a.p50_ms),
+                l.appended.map_or(f64::NAN, |a| a.p99_ms),
+                l.writer_p99_ms,
+                l.writer_max_late_ms,
+                l.cpu_us_per_event
+            );
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "latency at the higher rate FAILED: {}", first_line(e));
+        }
+        None => {}
+    }
+
+    let vs_debezium = side_by_side(&mut out, opts, shapes, x);
     print!("{out}");
 
     let find = |per_tx: u64| shapes.iter().find(|s| s.per_tx == per_tx);
@@ -228,36 +261,92 @@ pub fn report(
         .max();
     let big = shapes.iter().find(|s| s.per_tx > 100);
     let eps_of = |per_tx: u64| find(per_tx).and_then(drain).map(|d| d.eps());
+    let steady_of = |per_tx: u64| {
+        find(per_tx)
+            .and_then(drain)
+            .map(|d| relay_as_peer(&d).steady_eps())
+    };
+    let dbz = x.debezium;
+    let peer = x.peer;
+    let high = x.latency_high.and_then(|l| l.as_ref().ok());
+    let mut failures: Vec<String> = shapes
+        .iter()
+        .filter_map(|s| {
+            s.relay
+                .as_ref()
+                .err()
+                .map(|e| format!("{}: {}", s.label, first_line(e)))
+        })
+        .collect();
+    if let Some(Err(e)) = x.latency_high {
+        failures.push(format!("latency (higher rate): {}", first_line(e)));
+    }
+    failures.extend(dbz.failures("debezium"));
+    failures.extend(peer.failures("peer"));
     let json = serde_json::json!({
         "mode": if opts.quick { "quick" } else { "full" },
         "events": n,
+        "broker": format!("apache-kafka-{}", testkit::KAFKA_VERSION),
         "throughput_eps": throughput,
         "decode_ceiling_eps": decode,
-        "broker_ceiling_eps": broker.map(|b| b.eps()),
-        "broker_cpu_us_per_event": broker.map(|b| b.cpu_us_per_event()),
+        "broker_ceiling_eps": x.broker.map(|b| b.eps()),
+        "broker_cpu_us_per_event": x.broker.map(|b| b.cpu_us_per_event()),
+        "tansu_broker_ceiling_eps": x.tansu_broker.as_ref().ok().map(|b| b.eps()),
+        "tansu_broker_cpu_us_per_event": x.tansu_broker.as_ref().ok().map(|b| b.cpu_us_per_event()),
         "decode_cpu_us_per_event": main.map(|s| s.null.cpu_us_per_event()),
         "decode_ceiling_runs_eps": main.map(|s| s.decode_runs),
         "ratio": throughput / decode,
-        "latency_p50_ms": latency.map(|l| l.p50_ms),
-        "latency_p99_ms": latency.map(|l| l.p99_ms),
-        "latency_max_bucket_ms": latency.map(|l| l.max_bucket_ms),
-        "latency_rate_eps": latency.map(|l| l.achieved_rate),
-        "latency_cpu_us_per_event": latency.map(|l| l.cpu_us_per_event),
-        "decode_latency_p50_ms": latency.and_then(|l| l.floor).map(|f| f.p50_ms),
-        "decode_latency_p99_ms": latency.and_then(|l| l.floor).map(|f| f.p99_ms),
+        "latency_p50_ms": x.latency.map(|l| l.p50_ms),
+        "latency_p99_ms": x.latency.map(|l| l.p99_ms),
+        "latency_max_bucket_ms": x.latency.map(|l| l.max_bucket_ms),
+        "latency_rate_eps": x.latency.map(|l| l.achieved_rate),
+        "latency_cpu_us_per_event": x.latency.map(|l| l.cpu_us_per_event),
+        "latency_append_p50_ms": x.latency.and_then(|l| l.appended).map(|a| a.p50_ms),
+        "latency_append_p99_ms": x.latency.and_then(|l| l.appended).map(|a| a.p99_ms),
+        "latency_p50_ms_20k": high.map(|l| l.p50_ms),
+        "latency_p99_ms_20k": high.map(|l| l.p99_ms),
+        "latency_rate_eps_20k": high.map(|l| l.achieved_rate),
+        "latency_append_p99_ms_20k": high.and_then(|l| l.appended).map(|a| a.p99_ms),
+        "decode_latency_p50_ms": x.latency.and_then(|l| l.floor).map(|f| f.p50_ms),
+        "decode_latency_p99_ms": x.latency.and_then(|l| l.floor).map(|f| f.p99_ms),
         "peak_rss_mb": backlog_rss.map(mb),
         "big_tx_peak_rss_mb": big.and_then(drain).map(|d| mb(d.peak_rss_kb)),
         "big_tx_eps": big.and_then(drain).map(|d| d.eps()),
-        "peer_eps": match peer { Peer::Ran { rate, .. } => Some(rate.eps()), Peer::Skipped(_) => None },
-        "peer_skipped": match peer { Peer::Ran { .. } => None, Peer::Skipped(why) => Some(why.as_str()) },
         "relay_cpu_us_per_event": main.and_then(drain).map(|d| d.cpu_us_per_event()),
+        "relay_first_record_s": main.and_then(drain).map(|d| d.first_ack_secs),
+        "relay_steady_eps": steady_of(100),
+        "relay_steady_eps_1tx": steady_of(1),
+        "relay_cpu_us_per_event_1tx": find(1).and_then(drain).map(|d| d.cpu_us_per_event()),
         "throughput_10_per_tx_eps": eps_of(10),
         "throughput_1_per_tx_eps": eps_of(1),
         "decode_ceiling_1_per_tx_eps": find(1).map(|s| s.decode),
-        "failures": shapes
-            .iter()
-            .filter_map(|s| s.relay.as_ref().err().map(|e| format!("{}: {}", s.label, e.lines().next().unwrap_or(""))))
-            .collect::<Vec<_>>(),
+        "debezium_eps": dbz.drain(100).map(|d| d.steady_eps()),
+        "debezium_eps_1tx": dbz.drain(1).map(|d| d.steady_eps()),
+        "debezium_eps_from_spawn": dbz.drain(100).map(|d| d.eps()),
+        "debezium_eps_from_spawn_1tx": dbz.drain(1).map(|d| d.eps()),
+        "debezium_cpu_us_per_event": dbz.drain(100).map(|d| d.cpu_us_per_event()),
+        "debezium_cpu_us_per_event_1tx": dbz.drain(1).map(|d| d.cpu_us_per_event()),
+        "debezium_steady_cpu_us_per_event": dbz.drain(100).and_then(|d| d.steady_cpu_us_per_event()),
+        "debezium_steady_cpu_us_per_event_1tx": dbz.drain(1).and_then(|d| d.steady_cpu_us_per_event()),
+        "debezium_peak_rss_mb": dbz.drains.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.peak_rss_kb)).max().map(mb),
+        "debezium_first_record_s": dbz.drain(100).map(|d| d.first_record_secs),
+        "debezium_latency_p50_ms": dbz.latency().map(|l| l.appended.p50_ms),
+        "debezium_latency_p99_ms": dbz.latency().map(|l| l.appended.p99_ms),
+        "debezium_latency_cpu_us_per_event": dbz.latency().map(|l| l.cpu_us_per_event),
+        "debezium_skipped": dbz.skipped.as_deref(),
+        "relay_vs_debezium_eps": vs_debezium.eps,
+        "relay_vs_debezium_rss": vs_debezium.rss,
+        "peer_eps": peer.drain(100).map(|d| d.eps()),
+        "peer_eps_1tx": peer.drain(1).map(|d| d.eps()),
+        "peer_steady_eps": peer.drain(100).map(|d| d.steady_eps()),
+        "peer_steady_eps_1tx": peer.drain(1).map(|d| d.steady_eps()),
+        "peer_cpu_us_per_event": peer.drain(100).map(|d| d.cpu_us_per_event()),
+        "peer_peak_rss_mb": peer.drains.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.peak_rss_kb)).max().map(mb),
+        "peer_first_record_s": peer.drain(100).map(|d| d.first_record_secs),
+        "peer_latency_p50_ms": peer.latency().map(|l| l.appended.p50_ms),
+        "peer_latency_p99_ms": peer.latency().map(|l| l.appended.p99_ms),
+        "peer_skipped": peer.skipped.as_deref(),
+        "failures": failures,
     });
     println!("{json}");
 }
