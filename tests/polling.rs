@@ -496,7 +496,7 @@ fn polling_needs_neither_logical_wal_nor_replication() {
          GRANT SELECT, INSERT, UPDATE ON outbox.relay_state TO poller;",
     )
     .expect("role");
-    let kafka = Tansu::start();
+    let kafka = Kafka::start();
     let port = free_port().unwrap();
     let as_owner = relay_config(&pg.url("postgres"), &kafka.brokers(), "s", "p", port);
     let out = relay_cli(&["init"], &as_owner, &[POLLING]);
