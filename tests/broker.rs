@@ -278,8 +278,9 @@ fn write_range(pg: &ThrowawayPostgres, from: usize, to: usize, aggregates: usize
 /// `acks=all` on a topic with two replicas and `min.insync.replicas=2`, one of whose brokers
 /// stops: Kafka refuses every write (NOT_ENOUGH_REPLICAS), which the producer retries without
 /// end. Nothing is confirmed past the refused events, the relay's gauges show them in flight
-/// and ageing (what the OutboxRelayLagHigh alert watches), and once the topic is altered to
-/// `min.insync.replicas=1` every event arrives, in order.
+/// and ageing (what the OutboxRelayLagHigh alert watches), `/status` and the log name the
+/// partitions and the setting, and once the topic is altered to `min.insync.replicas=1` every
+/// event arrives, in order, and the error clears.
 ///
 /// Two brokers, because since KIP-966 Kafka caps a topic's `min.insync.replicas` at its
 /// replica count: on one node the setting changes nothing.
@@ -306,6 +307,18 @@ fn acks_all_below_min_insync_replicas_confirms_nothing_until_the_topic_is_fixed(
                 && metric(port, "outbox_relay_replication_lag_seconds").is_some_and(|s| s >= 10.0)
         },
     );
+    // librdkafka retries NOT_ENOUGH_REPLICAS silently: the relay finds and names the cause.
+    let names_it = |text: &str| {
+        text.contains("NOT_ENOUGH_REPLICAS")
+            && text.contains(&format!("{ORDERS} partition"))
+            && text.contains("min.insync.replicas=2")
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "/status and the log name the partitions short of in-sync replicas",
+        || status(port)["last_error"].as_str().is_some_and(&names_it) && names_it(&relay.log()),
+    );
+    println!("status: {}", status(port)["last_error"]);
     let confirmed = confirmed_lsn(&world.pg);
     let visible = consume(
         &world.kafka.brokers(),
@@ -325,7 +338,9 @@ fn acks_all_below_min_insync_replicas_confirms_nothing_until_the_topic_is_fixed(
     let (distinct, _) = check_records(&records);
     assert_eq!(distinct, 150, "log:\n{}", relay.log());
     assert_confirmed_before(&world.pg, &confirmed, &records, 50);
-    wait_until(Duration::from_secs(30), "ready", || ready(port));
+    wait_until(Duration::from_secs(30), "ready, the error cleared", || {
+        ready(port) && status(port)["last_error"].is_null()
+    });
 }
 
 /// A topic whose `max.message.bytes` (16 KiB) is far below the relay's `batch.size` (librdkafka's

@@ -1,5 +1,6 @@
-//! Apache Kafka (KRaft, one node acting as broker and controller) as a child process, run from
-//! the jars `testkit/kafka/pom.xml` fetches from Maven Central.
+//! Apache Kafka (KRaft, one node acting as broker and controller, plus brokers a test adds for
+//! replicated topics) as child processes, run from the jars `testkit/kafka/pom.xml` fetches
+//! from Maven Central.
 //!
 //! The jars live in `target/kafka-<version>/libs` (or `$KAFKA_LIBS`); `.ci/run` fetches them,
 //! and the first broker of a run fetches them itself when they are missing. Each broker gets
