@@ -378,6 +378,11 @@ fn a_topic_smaller_than_the_batch_gets_smaller_batches_and_dead_letters_only_wha
     let records = consume_n(&world, &topics(&["order"]), 2000, Duration::from_secs(180));
     let (distinct, _) = check_records(&records);
     assert_eq!(distinct, 2000, "log:\n{}", relay.log());
+    assert!(
+        relay.log().contains("batch.size is capped"),
+        "Kafka refused a batch and the relay sent smaller ones; log:\n{}",
+        relay.log()
+    );
     let dead = consume(
         &world.kafka.brokers(),
         &[DEAD_LETTERS],
