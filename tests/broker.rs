@@ -236,6 +236,7 @@ fn a_missing_topic_holds_its_events_unconfirmed_until_the_relay_may_create_it() 
                     .is_some_and(|t| t.contains(ORDERS))
         },
     );
+    assert!(relay.log().contains(ORDERS), "the log names it");
     assert_eq!(
         world.kafka.partitions(ORDERS),
         None,

@@ -119,8 +119,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         let stall = watch(Watched {
             shared: Arc::clone(&shared),
             topics: Arc::clone(&topics_in_use),
-            producer: producer.clone(),
-            admin: admin_config(cfg).create().map_err(SinkError::Create)?,
+            admin: Arc::new(admin_config(cfg).create().map_err(SinkError::Create)?),
             state: Arc::clone(&state),
         });
         Ok(Self {

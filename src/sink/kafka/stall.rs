@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{Producer, ThreadedProducer};
 
-use super::delivery::{DeliveryContext, Shared};
+use super::delivery::Shared;
 use crate::status::RelayState;
 
 /// How long the oldest record may wait for its acknowledgement before the sink looks why.
@@ -35,13 +34,12 @@ impl Drop for StallWatch {
     }
 }
 
-/// What the watch reads: the sink's acknowledgements, the topics it writes to, and the
-/// clients to ask Kafka with.
-pub(super) struct Watched<P: Copy + Ord + Send + Sync + 'static> {
+/// What the watch reads: the sink's acknowledgements, the topics it writes to, and an admin
+/// client of its own to ask Kafka with (never the producer, which must not outlive the sink).
+pub(super) struct Watched<P> {
     pub(super) shared: Arc<Shared<P>>,
     pub(super) topics: Arc<Mutex<Vec<String>>>,
-    pub(super) producer: ThreadedProducer<DeliveryContext<P>>,
-    pub(super) admin: AdminClient<DefaultClientContext>,
+    pub(super) admin: Arc<AdminClient<DefaultClientContext>>,
     pub(super) state: Arc<RelayState>,
 }
 
@@ -105,12 +103,12 @@ async fn short_of_replicas<P: Copy + Ord + Send + Sync + 'static>(
     if topics.is_empty() {
         return None;
     }
-    let producer = watched.producer.clone();
+    let admin = Arc::clone(&watched.admin);
     let names = topics.clone();
     // (topic, partition, in sync, replicas)
     let partitions: Vec<(String, i32, usize, usize)> = tokio::task::spawn_blocking(move || {
-        let metadata = producer
-            .client()
+        let metadata = admin
+            .inner()
             .fetch_metadata(None, Duration::from_secs(10))
             .ok()?;
         Some(
