@@ -190,6 +190,14 @@ impl RelayState {
         self.inner().last_error = error;
     }
 
+    /// Clears the last error if it is still `error` (nothing newer replaced it).
+    pub fn clear_error_if(&self, error: &str) {
+        let mut inner = self.inner();
+        if inner.last_error.as_deref() == Some(error) {
+            inner.last_error = None;
+        }
+    }
+
     pub fn set_slot_stats(&self, retained: Option<i64>, lag: Option<i64>) {
         let mut inner = self.inner();
         inner.slot_retained_wal_bytes = retained;

@@ -1,6 +1,6 @@
 //! End-to-end tests of coverage: the publication must deliver every insert into the outbox
 //! table, with every configured column, or the relay stops with the fix before it confirms
-//! anything it could not see. Real Postgres, the relay binary, the tansu broker.
+//! anything it could not see. Real Postgres, the relay binary, Apache Kafka.
 
 use std::collections::HashSet;
 use std::time::Duration;

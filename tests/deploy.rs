@@ -404,7 +404,7 @@ fn prometheus_evaluates_the_dashboard_and_alerts_against_a_running_relay() {
     let pg = ThrowawayPostgres::start().expect("postgres starts");
     pg.psql("postgres", include_str!("../sql/outbox.sql"))
         .expect("schema applies");
-    let kafka = Tansu::start();
+    let kafka = Kafka::start();
     let relay_port = free_port().expect("free port");
     let relay = Relay::start(
         &relay_config(

@@ -1,6 +1,6 @@
 //! When things go wrong: bad rows, Kafka outages, missing topics, a second relay, a vanished
-//! slot, secrets. Real Postgres, the relay binary, and tansu (behind a cuttable proxy where the
-//! network matters).
+//! slot, secrets. Real Postgres, the relay binary, and Apache Kafka (behind a cuttable proxy
+//! where the network matters).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -145,7 +145,7 @@ fn a_huge_unrelated_transaction_does_not_make_the_relay_reconnect() {
         .expect("schema applies");
     let world = World {
         pg,
-        kafka: Tansu::start(),
+        kafka: Kafka::start(),
         proxy: None,
     };
     // Written before the slot exists, so only the UPDATE is decoded.

@@ -203,65 +203,6 @@ fn java_partitioner_matches_kafka_vectors() {
 }
 
 #[test]
-fn tansu_round_trips_a_keyed_record_to_the_java_partition() {
-    let tansu = Tansu::start();
-    let topic = unique_name("harness");
-    tansu.create_topic(&topic, 3);
-
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", tansu.brokers())
-        .set("partitioner", "murmur2_random")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .expect("producer");
-    let key = "order-42";
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let delivery = rt.block_on(
-        producer.send(
-            FutureRecord::to(&topic)
-                .key(key)
-                .payload("{\"total\": 10}")
-                .timestamp(1_700_000_000_000)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "id",
-                    value: Some("0195a3c4-0000-7000-8000-000000000001"),
-                })),
-            Duration::from_secs(30),
-        ),
-    );
-    let delivered = delivery.unwrap_or_else(|(e, _)| panic!("delivery: {e}\n{}", tansu.log()));
-    assert_eq!(delivered.partition, java_partition(key.as_bytes(), 3));
-
-    let records = consume(
-        &tansu.brokers(),
-        &[&topic],
-        |r| !r.is_empty(),
-        Duration::from_secs(30),
-    );
-    assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
-    assert_eq!(record.partition, java_partition(key.as_bytes(), 3));
-    assert_eq!(record.key.as_deref(), Some(key.as_bytes()));
-    assert_eq!(record.value_str().as_deref(), Some("{\"total\": 10}"));
-    assert_eq!(record.timestamp_ms, Some(1_700_000_000_000));
-    assert_eq!(
-        record.header("id").as_deref(),
-        Some("0195a3c4-0000-7000-8000-000000000001")
-    );
-
-    // A regex subscription sees the same record.
-    let pattern = format!("^{topic}.*");
-    let by_pattern = consume(
-        &tansu.brokers(),
-        &[&pattern],
-        |r| !r.is_empty(),
-        Duration::from_secs(30),
-    );
-    assert_eq!(by_pattern.len(), 1, "{by_pattern:?}\n{}", tansu.log());
-    assert_eq!(by_pattern[0].offset, record.offset);
-}
-
-#[test]
 fn wait_until_polls_until_true() {
     let mut calls = 0;
     wait_until(Duration::from_secs(5), "three calls", || {
@@ -310,13 +251,72 @@ fn http_get_reads_plain_and_chunked_bodies() {
 }
 
 #[test]
-fn tansu_can_be_paused_and_restarted() {
-    let mut tansu = Tansu::start();
+fn apache_kafka_round_trips_a_keyed_record_with_headers_to_the_java_partition() {
+    let kafka = Kafka::start();
+    let topic = unique_name("harness");
+    kafka.create_topic(&topic, 3);
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let key = "order-42";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let delivery = rt.block_on(
+        producer.send(
+            FutureRecord::to(&topic)
+                .key(key)
+                .payload("{\"total\": 10}")
+                .timestamp(1_700_000_000_000)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "id",
+                    value: Some("0195a3c4-0000-7000-8000-000000000001"),
+                })),
+            Duration::from_secs(30),
+        ),
+    );
+    let delivered = delivery.unwrap_or_else(|(e, _)| panic!("delivery: {e}\n{}", kafka.log()));
+    assert_eq!(delivered.partition, java_partition(key.as_bytes(), 3));
+
+    let records = consume(
+        &kafka.brokers(),
+        &[&topic],
+        |r| !r.is_empty(),
+        Duration::from_secs(30),
+    );
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record.partition, java_partition(key.as_bytes(), 3));
+    assert_eq!(record.key.as_deref(), Some(key.as_bytes()));
+    assert_eq!(record.value_str().as_deref(), Some("{\"total\": 10}"));
+    assert_eq!(record.timestamp_ms, Some(1_700_000_000_000));
+    assert_eq!(
+        record.header("id").as_deref(),
+        Some("0195a3c4-0000-7000-8000-000000000001")
+    );
+
+    // A regex subscription sees the same record.
+    let pattern = format!("^{topic}.*");
+    let by_pattern = consume(
+        &kafka.brokers(),
+        &[&pattern],
+        |r| !r.is_empty(),
+        Duration::from_secs(30),
+    );
+    assert_eq!(by_pattern.len(), 1, "{by_pattern:?}\n{}", kafka.log());
+    assert_eq!(by_pattern[0].offset, record.offset);
+}
+
+#[test]
+fn apache_kafka_can_be_paused_killed_and_started_again() {
+    let mut kafka = Kafka::start();
     let topic = unique_name("paused");
-    tansu.create_topic(&topic, 1);
-    let port = tansu.port();
+    kafka.create_topic(&topic, 1);
+    let port = kafka.port();
     let client: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", tansu.brokers())
+        .set("bootstrap.servers", kafka.brokers())
         .create()
         .unwrap();
     let metadata_ok = |timeout_ms: u64| {
@@ -326,33 +326,30 @@ fn tansu_can_be_paused_and_restarted() {
             .is_ok()
     };
 
-    tansu.pause();
+    kafka.pause();
     assert!(!metadata_ok(1_000), "a paused broker answers nothing");
-    tansu.resume();
+    kafka.resume();
     wait_until(Duration::from_secs(30), "broker answers again", || {
         metadata_ok(1_000)
     });
 
-    tansu.restart();
-    assert_eq!(tansu.port(), port, "restart keeps the port");
-    let fresh: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", tansu.brokers())
-        .create()
-        .unwrap();
-    let topics = {
-        use rdkafka::consumer::Consumer;
-        fresh
-            .fetch_metadata(None, Duration::from_secs(10))
-            .expect("metadata after restart")
-            .topics()
-            .iter()
-            .map(|t| t.name().to_string())
-            .collect::<Vec<_>>()
-    };
-    assert!(
-        !topics.contains(&topic),
-        "memory storage starts empty: {topics:?}"
+    kafka.kill();
+    kafka.start_again();
+    assert_eq!(kafka.port(), port, "a restart keeps the port");
+    assert_eq!(
+        kafka.partitions(&topic),
+        Some(1),
+        "the topic survives a crash"
     );
+}
+
+#[test]
+fn apache_kafka_takes_a_second_broker_for_replicated_topics() {
+    let kafka = Kafka::start();
+    let second = kafka.add_broker(2);
+    let topic = unique_name("replicated");
+    kafka.create_replicated_topic(&topic, 2, 2, &[("min.insync.replicas", "2")]);
+    assert_eq!(second.partitions(&topic), Some(2), "both brokers know it");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Kafka-side edges: batches a topic refuses as too large, a dead-letter topic that refuses
 //! records, row headers with the relay's reserved names, and shutdown or lost leadership while
 //! the producer queue is full. Real Postgres and the relay binary; librdkafka's mock cluster
-//! where produce requests must fail on cue, tansu behind a cuttable proxy for outages.
+//! where produce requests must fail on cue, Apache Kafka behind a cuttable proxy for outages.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! End-to-end tests of logical mode: a real Postgres, the relay binary, and the tansu broker.
+//! End-to-end tests of logical mode: a real Postgres, the relay binary, and Apache Kafka.
 //!
 //! Each test starts its own Postgres cluster and broker on free ports, so tests run in
 //! parallel without sharing state. Waits are "until a condition or a generous deadline".

@@ -1,6 +1,6 @@
 //! What the operator sees at the edges: a slot that lost its WAL, a halt on a bad event and
 //! the restart after fixing it, config the relay refuses, failover reporting in `check`, and
-//! `/healthz`. Real Postgres, the relay binary, and tansu.
+//! `/healthz`. Real Postgres, the relay binary, and Apache Kafka.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! End-to-end tests of polling mode (`source.mode = "polling"`): a real Postgres, the relay
-//! binary, and the tansu broker, like `tests/logical.rs`.
+//! binary, and Apache Kafka, like `tests/logical.rs`.
 //!
 //! The relay runs the standard test config with `OUTBOX_RELAY_SOURCE_MODE=polling`. Each test
 //! has its own Postgres and broker; waits are "until a condition or a deadline".
@@ -428,7 +428,8 @@ fn a_long_transaction_holds_events_back_and_retention_spares_them() {
             ) == 1
         });
         let pid = world.psql(
-            "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(90)%' AND pid <> pg_backend_pid()",
+            "SELECT pid FROM pg_stat_activity \
+             WHERE backend_xid IS NOT NULL AND query LIKE '%pg_sleep(90)%' AND pid <> pg_backend_pid()",
         );
         world.psql("SELECT outbox.publish('order', 'held', 'E', '{\"n\": 1000}')");
         wait_until(
@@ -496,7 +497,7 @@ fn polling_needs_neither_logical_wal_nor_replication() {
          GRANT SELECT, INSERT, UPDATE ON outbox.relay_state TO poller;",
     )
     .expect("role");
-    let kafka = Tansu::start();
+    let kafka = Kafka::start();
     let port = free_port().unwrap();
     let as_owner = relay_config(&pg.url("postgres"), &kafka.brokers(), "s", "p", port);
     let out = relay_cli(&["init"], &as_owner, &[POLLING]);

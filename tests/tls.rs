@@ -217,7 +217,7 @@ fn verify_full_relays_over_tls_on_both_connections() {
     let cert = pki.server("server", "ca", "DNS:localhost,IP:127.0.0.1");
     let world = World {
         pg: tls_postgres(&cert),
-        kafka: Tansu::start(),
+        kafka: Kafka::start(),
         proxy: None,
     };
     let brokers = world.kafka.brokers();
@@ -282,7 +282,7 @@ fn wrong_ca_fails_with_a_clear_error_and_run_reports_it() {
     let wrong = pki.ca("wrong-ca");
     let cert = pki.server("server", "right-ca", "DNS:localhost,IP:127.0.0.1");
     let pg = tls_postgres(&cert);
-    let kafka = Tansu::start();
+    let kafka = Kafka::start();
     let config_with = |ca: &Path, http: u16| {
         relay_config(
             &url(&pg, "localhost", &verify("verify-full", ca)),
@@ -330,7 +330,7 @@ fn verify_full_rejects_a_certificate_for_another_name() {
     // Only a DNS name: connecting by address does not match it.
     let cert = pki.server("server", "ca", "DNS:localhost");
     let pg = tls_postgres(&cert);
-    let kafka = Tansu::start();
+    let kafka = Kafka::start();
     let config_with = |params: &str| {
         relay_config(
             &url(&pg, "127.0.0.1", params),
@@ -367,7 +367,7 @@ fn verify_ca_streams_from_a_server_whose_certificate_names_another_host() {
     let cert = pki.server("server", "ca", "DNS:localhost");
     let world = World {
         pg: tls_postgres(&cert),
-        kafka: Tansu::start(),
+        kafka: Kafka::start(),
         proxy: None,
     };
     let http = http_port();

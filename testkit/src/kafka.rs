@@ -1,5 +1,6 @@
-//! Apache Kafka (KRaft, one node acting as broker and controller) as a child process, run from
-//! the jars `testkit/kafka/pom.xml` fetches from Maven Central.
+//! Apache Kafka (KRaft, one node acting as broker and controller, plus brokers a test adds for
+//! replicated topics) as child processes, run from the jars `testkit/kafka/pom.xml` fetches
+//! from Maven Central.
 //!
 //! The jars live in `target/kafka-<version>/libs` (or `$KAFKA_LIBS`); `.ci/run` fetches them,
 //! and the first broker of a run fetches them itself when they are missing. Each broker gets
@@ -10,9 +11,12 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -79,10 +83,16 @@ pub struct Kafka {
     port: u16,
     /// The port the broker listens on for clients.
     listen_port: u16,
+    /// The controller's port: this node's own, or the first node's for an added broker.
     controller_port: u16,
+    /// 1 for the first node (broker and controller); more for brokers added to its cluster.
+    node_id: u32,
     options: KafkaOptions,
     dir: tempfile::TempDir,
     log_path: PathBuf,
+    /// Where this broker writes the class-data archive of its run when it exits (the one
+    /// broker that makes [`class_archive`]).
+    archive_to: Option<PathBuf>,
 }
 
 impl Kafka {
@@ -107,7 +117,7 @@ impl Kafka {
         let mut last_failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port().map_err(|e| format!("free port: {e}"))?;
-            let mut kafka = Self::prepare(options.clone(), port, port)?;
+            let mut kafka = Self::prepare(options.clone(), port, port, 1, None)?;
             match kafka.spawn_and_wait() {
                 Ok(()) => return Ok(kafka),
                 // It exited: most likely a port was taken meanwhile, so try others.
@@ -124,7 +134,7 @@ impl Kafka {
         let (listener, proxy_port) = Proxy::bind();
         let port = free_port().expect("free port");
         let proxy = Proxy::forward(listener, port);
-        let mut kafka = Self::prepare(KafkaOptions::default(), port, proxy_port)
+        let mut kafka = Self::prepare(KafkaOptions::default(), port, proxy_port, 1, None)
             .unwrap_or_else(|why| panic!("{why}"));
         if let Err(why) = kafka.spawn_and_wait() {
             panic!("{}", why.message);
@@ -132,25 +142,62 @@ impl Kafka {
         (kafka, proxy)
     }
 
-    /// A data directory and a `server.properties` for a broker listening on `listen_port` and
-    /// advertising `port`.
-    fn prepare(options: KafkaOptions, listen_port: u16, port: u16) -> Result<Kafka, String> {
+    /// Starts another broker (broker only, `node_id` 2 or more, unique in the cluster) in this
+    /// node's cluster, so topics can have more than one replica; stop it to shrink their
+    /// in-sync replicas. Waits until it answers. Its own data, ports and log; killed on drop.
+    pub fn add_broker(&self, node_id: u32) -> Kafka {
+        assert!(node_id >= 2, "node 1 is the first node");
+        let mut last_failure = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port().expect("free port");
+            let mut kafka = Self::prepare(
+                KafkaOptions::default(),
+                port,
+                port,
+                node_id,
+                Some(self.controller_port),
+            )
+            .unwrap_or_else(|why| panic!("{why}"));
+            match kafka.spawn_and_wait() {
+                Ok(()) => return kafka,
+                Err(why) if why.exited => last_failure = why.message,
+                Err(why) => panic!("{}", why.message),
+            }
+        }
+        panic!("broker {node_id} did not start: {last_failure}");
+    }
+
+    /// A data directory and a `server.properties` for node `node_id` listening on
+    /// `listen_port` and advertising `port`; `controller_port` is the first node's for an
+    /// added broker (`None`: this node is the controller, on a free port).
+    fn prepare(
+        options: KafkaOptions,
+        listen_port: u16,
+        port: u16,
+        node_id: u32,
+        controller_port: Option<u16>,
+    ) -> Result<Kafka, String> {
         let libs = kafka_libs()?;
-        let template = formatted_storage(&libs)?;
+        let template = formatted_storage(&libs, node_id)?;
         let dir = tempfile::Builder::new()
             .prefix("kafka-")
             .tempdir()
             .map_err(|e| format!("tempdir: {e}"))?;
         copy_dir(&template, &dir.path().join("data"))
             .map_err(|e| format!("copying the formatted storage: {e}"))?;
-        let controller_port = free_port().map_err(|e| format!("free port: {e}"))?;
+        let controller_port = match controller_port {
+            Some(port) => port,
+            None => free_port().map_err(|e| format!("free port: {e}"))?,
+        };
         let kafka = Kafka {
             proc: None,
             port,
             listen_port,
             controller_port,
+            node_id,
             options,
             log_path: dir.path().join("kafka.log"),
+            archive_to: None,
             dir,
         };
         kafka.write_config()?;
@@ -159,8 +206,13 @@ impl Kafka {
 
     fn write_config(&self) -> Result<(), String> {
         let data = self.dir.path().join("data");
-        let mut properties =
-            server_properties(self.listen_port, self.port, self.controller_port, &data);
+        let mut properties = server_properties(
+            self.node_id,
+            self.listen_port,
+            self.port,
+            self.controller_port,
+            &data,
+        );
         for (key, value) in &self.options.properties {
             properties.push_str(&format!("{key}={value}\n"));
         }
@@ -177,19 +229,31 @@ impl Kafka {
         })?;
         let (out, err) = log_stdio(&self.log_path);
         let mut cmd = Command::new(java_bin());
-        cmd.args(jvm_flags(&self.options))
-            .arg(format!(
-                "-Dlog4j2.configurationFile={}",
-                self.dir.path().join("log4j2.properties").display()
-            ))
-            .arg("-cp")
-            .arg(format!("{}/*", libs.display()))
-            .arg("kafka.Kafka")
-            .arg(self.dir.path().join("server.properties"))
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        cmd.args(jvm_flags(&self.options));
+        match &self.archive_to {
+            Some(archive) => {
+                cmd.arg(format!("-XX:ArchiveClassesAtExit={}", archive.display()));
+            }
+            // Tests only: the benchmark's JVM runs as it would in production.
+            None if self.options.quick_jit => {
+                if let Some(archive) = class_archive() {
+                    cmd.arg(format!("-XX:SharedArchiveFile={}", archive.display()));
+                }
+            }
+            None => {}
+        }
+        cmd.arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            self.dir.path().join("log4j2.properties").display()
+        ))
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .arg("kafka.Kafka")
+        .arg(self.dir.path().join("server.properties"))
+        .current_dir(self.dir.path())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
         let proc = Proc::spawn("kafka", &mut cmd).map_err(|e| NotReady {
             exited: true,
             message: e.to_string(),
@@ -332,10 +396,33 @@ impl Kafka {
         partitions: i32,
         configs: &[(&str, &str)],
     ) -> Result<(), String> {
+        self.try_create_replicated_topic(name, partitions, 1, configs)
+    }
+
+    /// [`Kafka::create_topic_with`] with `replicas` replicas of each partition (a cluster of
+    /// that many brokers: [`Kafka::add_broker`]).
+    pub fn create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replicas: i32,
+        configs: &[(&str, &str)],
+    ) {
+        self.try_create_replicated_topic(name, partitions, replicas, configs)
+            .unwrap_or_else(|why| panic!("{why}"));
+    }
+
+    fn try_create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replicas: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<(), String> {
         let admin: AdminClient<DefaultClientContext> = client_config(&self.brokers())
             .create()
             .map_err(|e| format!("admin client: {e}"))?;
-        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas));
         for (key, value) in configs {
             topic = topic.set(key, value);
         }
@@ -348,6 +435,32 @@ impl Kafka {
             }
         }
         crate::wait_for_partitions(&self.brokers(), name, partitions)
+    }
+
+    /// How many partitions the broker knows `topic` to have (`None`: no such topic).
+    pub fn partitions(&self, topic: &str) -> Option<usize> {
+        let consumer: BaseConsumer = client_config(&self.brokers()).create().ok()?;
+        crate::partition_count(&consumer, topic)
+    }
+
+    /// Sets topic configs (`min.insync.replicas`, `max.message.bytes`) through the admin API.
+    /// Kafka's `AlterConfigs` replaces the topic's whole set of overrides: pass every one the
+    /// topic should keep.
+    pub fn alter_topic_config(&self, name: &str, configs: &[(&str, &str)]) {
+        let admin: AdminClient<DefaultClientContext> = client_config(&self.brokers())
+            .create()
+            .expect("admin client");
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(name));
+        for (key, value) in configs {
+            alter = alter.set(key, value);
+        }
+        let results = crate::block_on(admin.alter_configs([&alter], &AdminOptions::new()))
+            .unwrap_or_else(|e| panic!("alter topic {name}: {e}\n{}", self.log_tail()));
+        for result in results {
+            if let Err((resource, code)) = result {
+                panic!("alter topic {name} ({resource:?}): {code}");
+            }
+        }
     }
 
     fn running(&self) -> &Proc {
@@ -375,20 +488,30 @@ struct NotReady {
     message: String,
 }
 
-/// One node, broker and controller, plaintext; production's defaults where a test would notice
-/// (no auto-creation of topics), single-replica internal topics, and few threads (tests run
-/// many brokers side by side on two cores).
+/// Node 1: broker and controller; other nodes: brokers of node 1's cluster. Plaintext;
+/// production's defaults where a test would notice (no auto-creation of topics),
+/// single-replica internal topics, and few threads (tests run many brokers side by side on two
+/// cores).
 fn server_properties(
+    node_id: u32,
     listen_port: u16,
     advertised: u16,
     controller_port: u16,
     data: &Path,
 ) -> String {
+    let (roles, listeners) = if node_id == 1 {
+        (
+            "broker,controller",
+            format!("PLAINTEXT://127.0.0.1:{listen_port},CONTROLLER://127.0.0.1:{controller_port}"),
+        )
+    } else {
+        ("broker", format!("PLAINTEXT://127.0.0.1:{listen_port}"))
+    };
     format!(
-        "process.roles=broker,controller
-node.id=1
+        "process.roles={roles}
+node.id={node_id}
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{listen_port},CONTROLLER://127.0.0.1:{controller_port}
+listeners={listeners}
 advertised.listeners=PLAINTEXT://127.0.0.1:{advertised}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
@@ -493,14 +616,54 @@ pub fn kafka_libs() -> Result<PathBuf, String> {
     Ok(libs)
 }
 
-/// A storage directory formatted once per version (`kafka-storage format`), which each broker
-/// copies: formatting starts a JVM, copying does not.
-fn formatted_storage(libs: &Path) -> Result<PathBuf, String> {
-    let storage = kafka_home().join("formatted");
+/// A class-data archive of the classes a broker loads while it starts (the JVM's dynamic CDS),
+/// made once per version by one broker started and stopped for it: test brokers that map it
+/// start in about 2.7 s on one CPU-second instead of 3.5 s on two. `None` if it could not be
+/// made (then brokers start without it); a JVM that finds it stale ignores it.
+fn class_archive() -> Option<PathBuf> {
+    static ARCHIVE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    ARCHIVE
+        .get_or_init(|| {
+            let dir = kafka_home().join("classes");
+            // Always "made", archive or not, so a failure is not retried by every test.
+            let made = once(&dir, "archiving Kafka's classes", |staging| {
+                if let Err(why) = dump_class_archive(&staging.join("kafka.jsa")) {
+                    eprintln!("no class-data archive for Kafka (brokers start without): {why}");
+                }
+                Ok(())
+            });
+            made.ok()
+                .map(|()| dir.join("kafka.jsa"))
+                .filter(|archive| archive.is_file())
+        })
+        .clone()
+}
+
+fn dump_class_archive(archive: &Path) -> Result<(), String> {
+    let port = free_port().map_err(|e| format!("free port: {e}"))?;
+    let mut kafka = Kafka::prepare(KafkaOptions::default(), port, port, 1, None)?;
+    kafka.archive_to = Some(archive.to_owned());
+    kafka.spawn_and_wait().map_err(|why| why.message)?;
+    // The JVM writes the archive as it exits.
+    kafka.stop();
+    if archive.is_file() {
+        Ok(())
+    } else {
+        Err(format!("the JVM wrote none\n{}", kafka.log_tail()))
+    }
+}
+
+/// A storage directory formatted once per version and node id (`kafka-storage format`), which
+/// each broker copies: formatting starts a JVM, copying does not.
+fn formatted_storage(libs: &Path, node_id: u32) -> Result<PathBuf, String> {
+    let storage = match node_id {
+        1 => kafka_home().join("formatted"),
+        n => kafka_home().join(format!("formatted-node{n}")),
+    };
     once(&storage, "formatting Kafka storage", |staging| {
         let config = staging.join("format.properties");
         let data = staging.join("data");
-        std::fs::write(&config, server_properties(1, 1, 2, &data))
+        std::fs::write(&config, server_properties(node_id, 1, 1, 2, &data))
             .map_err(|e| format!("writing {}: {e}", config.display()))?;
         let output = Command::new(java_bin())
             .args(["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-cp"])

@@ -4,9 +4,11 @@
 //! Every test binary does `use testkit::*;` and gets:
 //! - [`ThrowawayPostgres`]: a fresh cluster with `wal_level = logical` (the relay's own, which
 //!   its `demo` command runs too);
-//! - [`Kafka`]: Apache Kafka (KRaft, one node) as a child process, its jars fetched from Maven
-//!   Central by `testkit/kafka/pom.xml`; its data survives a restart;
-//! - [`Tansu`]: the `tansu` broker (Kafka protocol, in-memory storage) as a child process;
+//! - [`Kafka`]: Apache Kafka (KRaft, one node; [`Kafka::add_broker`] adds brokers) as a child
+//!   process, its jars fetched from Maven Central by `testkit/kafka/pom.xml`; its data survives
+//!   a restart;
+//! - [`Tansu`]: the `tansu` broker (Kafka protocol, in-memory storage) as a child process, for
+//!   the benchmark when it is installed (no test uses it);
 //! - [`Relay`]: `outbox-relay run` as a child process, killable with SIGKILL or SIGTERM
 //!   ([`relay_bin`] finds the binary cargo built for the test or benchmark);
 //! - [`status`], [`metric`], [`scrape`], [`http_get`]: the relay's HTTP endpoints;

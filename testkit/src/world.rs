@@ -9,7 +9,7 @@ use crate::*;
 /// A test's world: its own Postgres (schema applied) and broker.
 pub struct World {
     pub pg: ThrowawayPostgres,
-    pub kafka: Tansu,
+    pub kafka: Kafka,
     /// Set when the broker sits behind a cuttable proxy.
     pub proxy: Option<Proxy>,
 }
@@ -19,7 +19,7 @@ impl World {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         let pg = Self::postgres();
-        let kafka = Tansu::start();
+        let kafka = Kafka::start();
         Self {
             pg,
             kafka,
@@ -30,7 +30,7 @@ impl World {
     /// A world whose broker is reachable only through a proxy the test can cut.
     pub fn behind_proxy() -> Self {
         let pg = Self::postgres();
-        let (kafka, proxy) = Tansu::start_behind_proxy();
+        let (kafka, proxy) = Kafka::start_behind_proxy();
         Self {
             pg,
             kafka,

@@ -26,12 +26,14 @@
 //! Here: `producer.rs` the [`KafkaSink`] (send, wait for room, dead-letter refusals, drain),
 //! `delivery.rs` the delivery callback and the state it shares ([`Shared`]), `lessons.rs` what
 //! refusals taught and the delivery opaque's kind bits, `topics.rs` topic creation and
-//! waiting, `error.rs` [`SinkError`] and [`Refused`].
+//! waiting, `stall.rs` naming partitions short of in-sync replicas while records wait for
+//! them, `error.rs` [`SinkError`] and [`Refused`].
 
 mod delivery;
 mod error;
 mod lessons;
 mod producer;
+mod stall;
 mod topics;
 
 pub use delivery::{DeliveryContext, Shared};

@@ -14,6 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio::sync::mpsc;
 
+use super::stall::{watch, StallWatch, Watched};
 use super::{delivery::*, error::*, lessons::*};
 use crate::checkpoint::UnitId;
 use crate::config::KafkaConfig;
@@ -27,6 +28,8 @@ pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
     pub(super) producer: ThreadedProducer<DeliveryContext<P>>,
     pub(super) admin: AdminClient<DefaultClientContext>,
     pub(super) known_topics: HashSet<String>,
+    /// The topics this session writes to, for the stall watch.
+    pub(super) topics_in_use: Arc<Mutex<Vec<String>>>,
     pub(super) create_topics: bool,
     pub(super) partitions: i32,
     pub(super) refused: mpsc::UnboundedReceiver<Refused>,
@@ -36,6 +39,9 @@ pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
     pub(super) shutdown: CancellationToken,
     /// Cancelled when this relay no longer leads: stop producing at once.
     pub(super) stop: CancellationToken,
+    /// Names partitions short of in-sync replicas while records wait for them; ends with the
+    /// sink.
+    _stall: Option<StallWatch>,
 }
 
 /// The librdkafka settings for the producer: our defaults, then `[kafka.properties]`
@@ -100,7 +106,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             .get("batch.size")
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_BATCH_BYTES);
-        let producer = client
+        let producer: ThreadedProducer<DeliveryContext<P>> = client
             .create_with_context(DeliveryContext {
                 shared: Arc::clone(&shared),
                 refused: tx.clone(),
@@ -109,10 +115,18 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             })
             .map_err(SinkError::Create)?;
         let admin = admin_config(cfg).create().map_err(SinkError::Create)?;
+        let topics_in_use = Arc::new(Mutex::new(Vec::new()));
+        let stall = watch(Watched {
+            shared: Arc::clone(&shared),
+            topics: Arc::clone(&topics_in_use),
+            admin: Arc::new(admin_config(cfg).create().map_err(SinkError::Create)?),
+            state: Arc::clone(&state),
+        });
         Ok(Self {
             producer,
             admin,
             known_topics: HashSet::new(),
+            topics_in_use,
             create_topics: cfg.create_topics,
             partitions: cfg.topic_partitions,
             refused: rx,
@@ -121,6 +135,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             state,
             shutdown,
             stop: CancellationToken::new(),
+            _stall: stall,
         })
     }
 

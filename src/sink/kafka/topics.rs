@@ -45,6 +45,10 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         self.state.set_missing_topic(None);
         tracing::info!(topic, "topic ready");
         self.known_topics.insert(topic.to_owned());
+        self.topics_in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(topic.to_owned());
         Ok(())
     }
 
