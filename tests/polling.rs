@@ -271,8 +271,26 @@ fn sigterm_and_restart_publish_no_duplicates() {
         took < Duration::from_secs(10),
         "exit within 10 s, took {took:?}"
     );
-    let (cursor, last) = cursor_and_last_row(&world);
-    assert_eq!(cursor, last, "the final cursor is persisted on shutdown");
+    // The relay stops at a transaction boundary, not necessarily at the last row written (on
+    // a busy machine it may not have read that far): the persisted cursor covers whole
+    // transactions of 100, at least the first 1,000 events, and no more than were written.
+    // Whether it matches what was published is what the restart below shows: a cursor behind
+    // it republishes (duplicates), one ahead of it skips (fewer than 4,000).
+    let cursor =
+        world.psql("SELECT position FROM outbox.relay_state WHERE name = 'polling:outbox.events'");
+    let covered: i64 = world
+        .psql(&format!(
+            "SELECT count(*) FROM outbox.events \
+             WHERE (txid::text::numeric, seq) <= (split_part('{cursor}', '/', 1)::numeric, \
+                                                  split_part('{cursor}', '/', 2)::bigint)"
+        ))
+        .parse()
+        .expect("a count");
+    println!("polling shutdown persisted {cursor}, covering {covered} of 3000 events");
+    assert!(
+        (1_000..=3_000).contains(&covered) && covered % 100 == 0,
+        "the final cursor {cursor} is persisted at a transaction boundary: covers {covered}"
+    );
 
     let (relay, _) = leader(&world, &[]);
     world.write(1_000, 100, 20, &types);
