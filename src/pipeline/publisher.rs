@@ -76,11 +76,7 @@ where
     }
 
     fn idle_at(&mut self, position: P) {
-        let mut checkpoint = self.watermark.lock();
-        let mut to = checkpoint.take_confirmable();
-        if checkpoint.is_idle() {
-            to = to.max(Some(position));
-        }
+        let to = self.watermark.lock().idle_at(position);
         self.confirm_now = self.confirm_now.max(to);
     }
 }

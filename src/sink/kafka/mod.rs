@@ -26,14 +26,20 @@
 //! Here: `producer.rs` the [`KafkaSink`] (send, wait for room, dead-letter refusals, drain),
 //! `delivery.rs` the delivery callback and the state it shares ([`Shared`]), `lessons.rs` what
 //! refusals taught and the delivery opaque's kind bits, `topics.rs` topic creation and
-//! waiting, `error.rs` [`SinkError`] and [`Refused`].
+//! waiting, `error.rs` [`SinkError`] and [`Refused`]; exactly once (`kafka.delivery`):
+//! `transaction.rs` the Kafka transactions that carry the relay's progress record,
+//! `progress.rs` the transactional start and the progress topic (`docs/EXACTLY-ONCE.md`).
 
 mod delivery;
 mod error;
 mod lessons;
 mod producer;
+mod progress;
 mod topics;
+mod transaction;
 
 pub use delivery::{DeliveryContext, Shared};
 pub use error::{Refused, RefusedKind, SinkError};
 pub use producer::{admin_config, client_config, max_message_bytes, KafkaSink};
+pub use progress::transactional_id;
+pub use transaction::{FAILPOINT_ENV, IDLE_PROGRESS_EVERY, LINGER, MAX_RECORDS};

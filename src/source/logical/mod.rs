@@ -94,6 +94,11 @@ pub struct Logical {
     watchers: Vec<tokio::task::JoinHandle<()>>,
     metrics: Metrics,
     report: Arc<dyn Report>,
+    /// Exactly once: the progress recorded in Kafka. A transaction whose commit lies before it
+    /// (so it ends at or before it), and a message at or before it, is in Kafka already.
+    skip_through: u64,
+    /// Events read and not published because they are in Kafka already.
+    skipped: u64,
 }
 
 impl Logical {
@@ -127,11 +132,15 @@ impl Logical {
                     commit_lsn: final_lsn.to_string(),
                     commit: final_lsn.as_u64(),
                     commit_ms,
+                    skip: final_lsn.as_u64() < self.skip_through,
                 });
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 if let Some(tx) = self.open.take() {
                     out.seal(tx.unit, end_lsn.as_u64());
+                    if tx.skip && self.skipped > 0 && end_lsn.as_u64() >= self.skip_through {
+                        tracing::info!(events = self.skipped, through = %Lsn::from_u64(self.skip_through), "skipped events already published exactly once");
+                    }
                 }
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -149,11 +158,17 @@ impl Logical {
                 }
                 if transactional {
                     if let Some(tx) = &self.open {
+                        if tx.skip {
+                            self.skipped += 1;
+                            return Ok(());
+                        }
                         let (unit, commit_lsn, commit_ms) =
                             (tx.unit, tx.commit_lsn.clone(), tx.commit_ms);
                         self.emitted(&content, unit, &commit_lsn, commit_ms, out)
                             .await?;
                     }
+                } else if lsn.as_u64() <= self.skip_through {
+                    self.skipped += 1;
                 } else {
                     // Outside any transaction: a unit of its own at the message's LSN.
                     let now_ms = values::unix_ms_now();
@@ -203,6 +218,10 @@ impl Logical {
                 let Some(tx) = &self.open else {
                     return Ok(());
                 };
+                if tx.skip {
+                    self.skipped += 1;
+                    return Ok(());
+                }
                 let event = row_event(columns, &new, &tx.commit_lsn, tx.commit_ms);
                 let unit = tx.unit;
                 out.publish(unit, event).await?;
@@ -385,7 +404,17 @@ impl Source for Logical {
             watchers: Vec::new(),
             metrics: session.metrics.clone(),
             report: Arc::clone(&session.report),
+            skip_through: 0,
+            skipped: 0,
         })
+    }
+
+    fn start_position(&self) -> u64 {
+        self.confirmed
+    }
+
+    fn skip_through(&mut self, recorded: u64) {
+        self.skip_through = recorded;
     }
 
     fn start(&mut self, _session: &Session) {

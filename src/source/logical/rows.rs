@@ -68,6 +68,9 @@ pub(super) struct OpenTransaction {
     /// `commit_lsn` as a number.
     pub(super) commit: u64,
     pub(super) commit_ms: i64,
+    /// Exactly once: the transaction is in Kafka already (at or before the recorded
+    /// progress); its events are read and not published.
+    pub(super) skip: bool,
 }
 
 /// The event carried by an outbox row. Walks the tuple once.

@@ -1,0 +1,280 @@
+//! Exactly-once delivery (`kafka.delivery = "exactly-once"`): the sink's records go out in
+//! Kafka transactions, each ending with the relay's progress record, so the records and the
+//! position they bring the relay to commit together or not at all.
+//!
+//! A transaction begins with the first record after the last commit and is committed at a
+//! source boundary (no source transaction half sent) once it is [`LINGER`] old or holds
+//! [`MAX_RECORDS`]. Before the commit every record must be acknowledged and every refused one
+//! dead-lettered, inside the transaction. Only then does the watermark release the covered
+//! position to the source (`Checkpoint::release`). While idle nothing is committed, except a
+//! progress-only transaction at most every [`IDLE_PROGRESS_EVERY`] when the source position
+//! moved without events (so an idle outbox on a busy database does not pin WAL). See
+//! `docs/EXACTLY-ONCE.md`.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer};
+
+use super::error::SinkError;
+use super::producer::KafkaSink;
+use crate::checkpoint::Progress;
+use crate::route::Router;
+
+/// The delivery opaque of the progress record: it acknowledges no unit.
+pub(super) const PROGRESS_OPAQUE: usize = usize::MAX;
+
+/// A transaction open this long is committed at the next source boundary.
+pub const LINGER: Duration = Duration::from_millis(100);
+
+/// A transaction holding this many records is committed at the next source boundary.
+pub const MAX_RECORDS: u64 = 10_000;
+
+/// While idle, the source position is recorded (and then confirmed) at most this often.
+pub const IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// How long one call of librdkafka's transactional API may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a commit waits for its records' acknowledgements.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Names a test failpoint: `before-commit` (records produced, progress record produced, the
+/// commit not sent) or `after-commit` (committed, the source not yet confirmed). The relay
+/// aborts the process there on the `N`th transaction (`before-commit:N`). Test-only.
+pub const FAILPOINT_ENV: &str = "OUTBOX_RELAY_TEST_FAILPOINT";
+
+/// The transactional state of an exactly-once sink.
+pub struct Transactions<P> {
+    /// The relay's identity: the progress record's key and the `transactional.id`'s base.
+    pub identity: String,
+    /// The compacted progress topic.
+    pub topic: String,
+    encode: fn(&P) -> String,
+    /// When the open transaction began, if one is open.
+    began: Option<Instant>,
+    /// Records produced in the open transaction.
+    records: u64,
+    /// The position the last committed transaction recorded.
+    recorded: Option<P>,
+    last_commit: Instant,
+    committed: u64,
+    failpoint: Option<(String, u64)>,
+}
+
+impl<P: Progress> Transactions<P> {
+    pub fn new(identity: String, topic: String, recorded: Option<P>) -> Self {
+        Self {
+            identity,
+            topic,
+            encode: P::to_progress,
+            began: None,
+            records: 0,
+            recorded,
+            last_commit: Instant::now(),
+            committed: 0,
+            failpoint: failpoint(),
+        }
+    }
+}
+
+impl<P> Transactions<P> {
+    /// The progress record's value.
+    fn value(&self, position: &P) -> String {
+        serde_json::json!({
+            "position": (self.encode)(position),
+            "identity": self.identity,
+        })
+        .to_string()
+    }
+
+    fn reached(&self, point: &str) {
+        if let Some((name, n)) = &self.failpoint {
+            if name == point && self.committed + 1 == *n {
+                tracing::error!(failpoint = point, "test failpoint reached: aborting the process");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+/// `OUTBOX_RELAY_TEST_FAILPOINT=name:N`, if set.
+fn failpoint() -> Option<(String, u64)> {
+    let text = std::env::var(FAILPOINT_ENV).ok()?;
+    let (name, n) = text.split_once(':').unwrap_or((&text, "1"));
+    Some((name.to_owned(), n.parse().ok()?))
+}
+
+/// The text of a transactional API error, and whether it requires an abort.
+fn txn_error(context: &'static str, error: &KafkaError) -> SinkError {
+    SinkError::Transaction {
+        context,
+        error: error.to_string(),
+    }
+}
+
+impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
+    /// Exactly once: begins a transaction before the first record after a commit.
+    pub(super) fn begin_if_needed(&mut self) -> Result<(), SinkError> {
+        let Some(txn) = &mut self.txn else {
+            return Ok(());
+        };
+        if txn.began.is_none() {
+            self.producer
+                .begin_transaction()
+                .map_err(|e| txn_error("beginning a transaction", &e))?;
+            txn.began = Some(Instant::now());
+            txn.records = 0;
+        }
+        Ok(())
+    }
+
+    /// Counts a record produced in the open transaction.
+    pub(super) fn count_in_transaction(&mut self) {
+        if let Some(txn) = &mut self.txn {
+            txn.records += 1;
+        }
+    }
+
+    /// At a source boundary: commits the open transaction when it is due; while idle, records
+    /// a moved source position now and then.
+    pub async fn at_boundary(&mut self, router: &Router) -> Result<(), SinkError> {
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        match txn.began {
+            Some(began) if began.elapsed() >= LINGER || txn.records >= MAX_RECORDS => {
+                self.commit(router).await
+            }
+            Some(_) => Ok(()),
+            None => {
+                let moved = self.shared.checkpoint().covered() > txn.recorded;
+                if moved && txn.last_commit.elapsed() >= IDLE_PROGRESS_EVERY {
+                    self.begin_if_needed()?;
+                    self.commit(router).await
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Commits the open transaction, if any: waits for every record's acknowledgement
+    /// (dead-lettering refused ones inside it), appends the progress record for what the
+    /// transaction covers, commits, and releases that position to the source. Only at a
+    /// source boundary.
+    pub async fn commit(&mut self, router: &Router) -> Result<(), SinkError> {
+        let Some(began) = self.txn.as_ref().and_then(|t| t.began) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        loop {
+            while let Some(refused) = self.try_refused() {
+                self.redirect(refused, router).await?;
+            }
+            if self.shared.checkpoint().inflight() == 0 {
+                break;
+            }
+            if let Some(failure) = self.shared.failure() {
+                return Err(SinkError::Delivery(failure));
+            }
+            if self.stop.is_cancelled() {
+                return Err(SinkError::LeadershipLost);
+            }
+            if Instant::now() >= deadline {
+                return Err(SinkError::Transaction {
+                    context: "waiting for the transaction's acknowledgements",
+                    error: "timed out".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let covered = self.shared.checkpoint().covered();
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        if let Some(position) = covered {
+            let value = txn.value(&position);
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "relay",
+                value: Some("outbox-relay"),
+            });
+            let record = BaseRecord::with_opaque_to(&txn.topic, PROGRESS_OPAQUE)
+                .key(&txn.identity)
+                .payload(&value)
+                .partition(0)
+                .headers(headers);
+            self.producer
+                .send(record)
+                .map_err(|(e, _)| txn_error("producing the progress record", &e))?;
+        }
+        txn.reached("before-commit");
+        let producer = self.producer.clone();
+        let result = tokio::task::spawn_blocking(move || producer.commit_transaction(CALL_TIMEOUT))
+            .await
+            .map_err(|e| SinkError::Transaction {
+                context: "committing",
+                error: e.to_string(),
+            })?;
+        let metrics = &self.shared.metrics;
+        if let Err(error) = result {
+            metrics.transactions.with_label_values(&["aborted"]).inc();
+            self.abort().await;
+            return Err(txn_error("committing", &error));
+        }
+        let Some(txn) = &mut self.txn else {
+            return Ok(());
+        };
+        metrics.transactions.with_label_values(&["committed"]).inc();
+        metrics
+            .transaction_duration
+            .observe(began.elapsed().as_secs_f64());
+        metrics.transaction_records.observe(txn.records as f64);
+        txn.began = None;
+        txn.recorded = txn.recorded.max(covered);
+        txn.last_commit = Instant::now();
+        txn.reached("after-commit");
+        txn.committed += 1;
+        if let Some(position) = covered {
+            self.shared.checkpoint().release(position);
+            self.state
+                .set_progress(Some((txn.encode)(&position)));
+        }
+        Ok(())
+    }
+
+    /// Aborts the open transaction, if any (best effort: a producer that can't is fenced or
+    /// failed, and the next `init_transactions` with this identity aborts it anyway).
+    pub async fn abort(&mut self) {
+        let Some(txn) = &mut self.txn else {
+            return;
+        };
+        if txn.began.take().is_none() {
+            return;
+        }
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        let producer = self.producer.clone();
+        let aborted =
+            tokio::task::spawn_blocking(move || producer.abort_transaction(CALL_TIMEOUT)).await;
+        match aborted {
+            Ok(Ok(())) => tracing::info!("kafka transaction aborted"),
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error, "cannot abort the kafka transaction; the next session's start aborts it")
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// True with `kafka.delivery = "exactly-once"`.
+    pub fn is_transactional(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// The position the last committed transaction recorded, encoded.
+    pub fn recorded(&self) -> Option<String> {
+        let txn = self.txn.as_ref()?;
+        txn.recorded.as_ref().map(|p| (txn.encode)(p))
+    }
+}
