@@ -43,7 +43,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Names a test failpoint: `before-commit` (records produced, progress record produced, the
 /// commit not sent) or `after-commit` (committed, the source not yet confirmed). The relay
 /// aborts the process there on the `N`th transaction (`before-commit:N`). Test-only.
-pub const FAILPOINT_ENV: &str = "OUTBOX_RELAY_TEST_FAILPOINT";
+pub const FAILPOINT_ENV: &str = "RELAY_TEST_FAILPOINT";
 
 /// The transactional state of an exactly-once sink.
 pub struct Transactions<P> {
@@ -99,7 +99,7 @@ impl<P> Transactions<P> {
     }
 }
 
-/// `OUTBOX_RELAY_TEST_FAILPOINT=name:N`, if set.
+/// `RELAY_TEST_FAILPOINT=name:N`, if set.
 fn failpoint() -> Option<(String, u64)> {
     let text = std::env::var(FAILPOINT_ENV).ok()?;
     let (name, n) = text.split_once(':').unwrap_or((&text, "1"));

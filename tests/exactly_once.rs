@@ -1,0 +1,386 @@
+//! `kafka.delivery = "exactly-once"` against Apache Kafka: a `read_committed` consumer sees
+//! every event exactly once, whatever happens to the relay (docs/EXACTLY-ONCE.md). A
+//! `read_uncommitted` consumer of the same run sees the aborted records, so the checks can
+//! fail.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use testkit::*;
+
+const TOPIC: &str = "outbox.event.order";
+const PARTITIONS: i32 = 3;
+const COMMITTED: &str = "outbox_relay_kafka_transactions_total{outcome=\"committed\"}";
+
+/// Postgres with the outbox schema and an Apache Kafka broker (transactions supported).
+struct Eos {
+    pg: ThrowawayPostgres,
+    kafka: Kafka,
+}
+
+impl Eos {
+    fn new() -> Self {
+        let pg = ThrowawayPostgres::start().expect("postgres starts");
+        pg.psql("postgres", include_str!("../sql/outbox.sql"))
+            .expect("schema applies");
+        let kafka = Kafka::start();
+        kafka.create_topic(TOPIC, PARTITIONS);
+        Self { pg, kafka }
+    }
+
+    fn psql(&self, sql: &str) -> String {
+        self.pg.psql("postgres", sql).expect("sql runs")
+    }
+
+    /// Starts an exactly-once relay with extra environment; waits until it is ready.
+    fn relay(&self, env: &[(&str, &str)]) -> (Relay, u16) {
+        let port = free_port().expect("free port");
+        let config = relay_config(
+            &self.pg.url("postgres"),
+            &self.kafka.brokers(),
+            "outbox_relay",
+            "outbox_relay",
+            port,
+        );
+        let mut all = vec![("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")];
+        all.extend_from_slice(env);
+        let mut relay = Relay::start(&config, &all);
+        relay.wait_ready(port, Duration::from_secs(90));
+        (relay, port)
+    }
+
+    /// Commits `n` events in transactions of `per_tx`, payload `n` counting from `from`.
+    fn write(&self, from: usize, n: usize, per_tx: usize) {
+        let mut done = 0;
+        while done < n {
+            let k = per_tx.min(n - done);
+            self.psql(&insert(from + done, k));
+            done += k;
+        }
+    }
+
+    /// Every event id in the outbox.
+    fn ids(&self) -> HashSet<String> {
+        self.psql("SELECT id::text FROM outbox.events")
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    fn slot_position(&self) -> String {
+        self.psql(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+        )
+        .trim()
+        .to_owned()
+    }
+}
+
+/// One transaction of `n` events with payloads `from..from+n`.
+fn insert(from: usize, n: usize) -> String {
+    format!(
+        "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'order', 'agg-' || (g % 7), 'Happened', jsonb_build_object('n', g) \
+         FROM generate_series({from}, {to}) AS g ORDER BY g",
+        to = from + n - 1
+    )
+}
+
+/// Reads `TOPIC` from the start with `isolation`, until every partition is at its end and at
+/// least `expect` distinct ids were seen (or `timeout`): how often each id arrived.
+fn read_ids(
+    brokers: &str,
+    isolation: &str,
+    expect: usize,
+    timeout: Duration,
+) -> HashMap<String, usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("group.id", unique_name("eos"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)
+            .expect("offset");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut at_end = vec![false; PARTITIONS as usize];
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if counts.len() >= expect && at_end.iter().all(|e| *e) {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                at_end[m.partition() as usize] = false;
+                let id = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .expect("every record has an id");
+                *counts.entry(id).or_default() += 1;
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => at_end[p as usize] = true,
+            _ => {}
+        }
+    }
+    counts
+}
+
+/// Asserts that `counts` holds every id of `expected` exactly once and nothing else.
+fn assert_exactly_once(counts: &HashMap<String, usize>, expected: &HashSet<String>, log: &str) {
+    let lost: Vec<&String> = expected
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .collect();
+    let duplicated: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    let foreign = counts.keys().filter(|id| !expected.contains(*id)).count();
+    assert!(
+        lost.is_empty() && duplicated.is_empty() && foreign == 0,
+        "{} lost (e.g. {:?}), {} duplicated (e.g. {:?}), {foreign} unknown, of {} events\n{log}",
+        lost.len(),
+        lost.first(),
+        duplicated.len(),
+        duplicated.first(),
+        expected.len()
+    );
+}
+
+fn committed(port: u16) -> f64 {
+    metric(port, COMMITTED).unwrap_or(0.0)
+}
+
+#[test]
+fn every_event_reaches_a_read_committed_consumer_once_across_a_sigterm() {
+    let eos = Eos::new();
+    let (mut relay, port) = eos.relay(&[]);
+    eos.write(0, 500, 10);
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    let status = status(port);
+    assert_eq!(status["delivery"], "exactly-once", "{status}");
+    assert!(status["recorded_progress"].is_string(), "{status}");
+    assert!(committed(port) >= 1.0);
+    // A graceful stop commits and confirms everything: the next relay skips nothing and
+    // resends nothing.
+    relay.sigterm();
+    assert!(
+        relay.wait_exit(Duration::from_secs(30)).is_some(),
+        "{}",
+        relay.log_tail()
+    );
+    let (relay, _) = eos.relay(&[]);
+    eos.write(500, 300, 7);
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+}
+
+/// A crash between producing a transaction's records and committing it: the records exist
+/// (aborted), and the next relay sends them again in a transaction that commits.
+#[test]
+fn a_crash_before_the_commit_leaves_only_aborted_records() {
+    let eos = Eos::new();
+    let (mut relay, _) = eos.relay(&[("RELAY_TEST_FAILPOINT", "before-commit:1")]);
+    eos.write(0, 200, 10);
+    assert!(
+        relay.wait_exit(Duration::from_secs(60)).is_some(),
+        "the failpoint aborts the relay\n{}",
+        relay.log_tail()
+    );
+    let (relay, _) = eos.relay(&[]);
+    let expected = eos.ids();
+    let brokers = eos.kafka.brokers();
+    let counts = read_ids(
+        &brokers,
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    let uncommitted = read_ids(
+        &brokers,
+        "read_uncommitted",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    let total: usize = uncommitted.values().sum();
+    assert!(
+        total > expected.len(),
+        "the aborted transaction's records are in the log: {total} records of {} events",
+        expected.len()
+    );
+}
+
+/// A crash after the commit and before the slot is confirmed: the slot replays what is in
+/// Kafka already, and the relay skips it by the recorded progress.
+#[test]
+fn a_crash_after_the_commit_skips_what_was_committed() {
+    let eos = Eos::new();
+    let (mut relay, _) = eos.relay(&[("RELAY_TEST_FAILPOINT", "after-commit:1")]);
+    let slot_before = eos.slot_position();
+    eos.write(0, 200, 10);
+    assert!(
+        relay.wait_exit(Duration::from_secs(60)).is_some(),
+        "the failpoint aborts the relay\n{}",
+        relay.log_tail()
+    );
+    assert_eq!(
+        eos.slot_position(),
+        slot_before,
+        "the slot was not confirmed past the committed transaction"
+    );
+    let (relay, _) = eos.relay(&[]);
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    assert!(
+        relay.log().contains("skipped events already published exactly once"),
+        "{}",
+        relay.log_tail()
+    );
+}
+
+/// kill -9 in a loop under a steady writer, with crashes at both failpoints among them: a
+/// `read_committed` consumer sees every event once; a `read_uncommitted` one sees duplicates.
+#[test]
+fn kill9_in_a_loop_under_a_steady_writer_loses_and_duplicates_nothing() {
+    let eos = Eos::new();
+    // The slot exists before the writer starts: everything written is streamed.
+    let (mut first, _) = eos.relay(&[]);
+    first.kill9();
+    let stop = AtomicBool::new(false);
+    let written = AtomicUsize::new(0);
+    let mut logs = String::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                eos.psql(&insert(n, 5));
+                n += 5;
+                written.store(n, Ordering::Relaxed);
+            }
+        });
+        let rounds: [&[(&str, &str)]; 6] = [
+            &[],
+            &[("RELAY_TEST_FAILPOINT", "before-commit:3")],
+            &[],
+            &[("RELAY_TEST_FAILPOINT", "after-commit:3")],
+            &[],
+            &[],
+        ];
+        for (round, env) in rounds.iter().enumerate() {
+            let (mut relay, port) = eos.relay(env);
+            if env.is_empty() {
+                // Crash at a different point of the transaction cycle each round.
+                let target = 2.0 + (round % 3) as f64;
+                wait_until(Duration::from_secs(60), "transactions commit", || {
+                    committed(port) >= target
+                });
+                relay.kill9();
+            } else {
+                assert!(
+                    relay.wait_exit(Duration::from_secs(60)).is_some(),
+                    "the failpoint aborts the relay\n{}",
+                    relay.log_tail()
+                );
+            }
+            logs.push_str(&relay.log_tail());
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(written.load(Ordering::Relaxed) > 0);
+    let (mut relay, _) = eos.relay(&[]);
+    let expected = eos.ids();
+    let brokers = eos.kafka.brokers();
+    let counts = read_ids(
+        &brokers,
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(120),
+    );
+    assert_exactly_once(&counts, &expected, &format!("{logs}\n{}", relay.log_tail()));
+    relay.sigterm();
+    relay.wait_exit(Duration::from_secs(30));
+    let uncommitted = read_ids(
+        &brokers,
+        "read_uncommitted",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    let total: usize = uncommitted.values().sum();
+    assert!(
+        total > expected.len(),
+        "crashes left aborted records: {total} records of {} events",
+        expected.len()
+    );
+}
+
+/// A slot confirmed past the recorded progress (events no exactly-once relay published) is a
+/// definite error, not a silent skip.
+#[test]
+fn a_slot_ahead_of_the_recorded_progress_halts() {
+    let eos = Eos::new();
+    let (mut relay, port) = eos.relay(&[]);
+    eos.write(0, 50, 10);
+    let expected = eos.ids();
+    read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    wait_until(Duration::from_secs(30), "the progress is recorded", || {
+        status(port)["recorded_progress"].is_string()
+    });
+    relay.sigterm();
+    relay.wait_exit(Duration::from_secs(30));
+    // Events committed and consumed from the slot behind the relay's back.
+    eos.write(50, 20, 10);
+    eos.psql(
+        "SELECT pg_replication_slot_advance('outbox_relay', pg_current_wal_lsn())",
+    );
+    let port = free_port().expect("free port");
+    let config = relay_config(
+        &eos.pg.url("postgres"),
+        &eos.kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        port,
+    );
+    let relay = Relay::start(&config, &[("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")]);
+    wait_until(Duration::from_secs(60), "the relay halts", || {
+        status(port)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("past the progress recorded"))
+    });
+    assert!(!ready(port), "{}", relay.log_tail());
+}
