@@ -179,6 +179,20 @@ fn every_event_reaches_a_read_committed_consumer_once_across_a_sigterm() {
     assert_eq!(status["delivery"], "exactly-once", "{status}");
     assert!(status["recorded_progress"].is_string(), "{status}");
     assert!(committed(port) >= 1.0);
+    let config = relay_config(
+        &eos.pg.url("postgres"),
+        &eos.kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        free_port().expect("free port"),
+    );
+    let out = relay_cli(
+        &["check"],
+        &config,
+        &[("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("kafka transactions: ok"), "{stdout}");
     // A graceful stop commits and confirms everything: the next relay skips nothing and
     // resends nothing.
     relay.sigterm();
@@ -383,4 +397,35 @@ fn a_slot_ahead_of_the_recorded_progress_halts() {
             .is_some_and(|e| e.contains("past the progress recorded"))
     });
     assert!(!ready(port), "{}", relay.log_tail());
+}
+
+/// `check` tries a transactional producer: a broker that cannot run transactions is refused
+/// with a clear error, before any relay runs.
+#[test]
+fn check_refuses_brokers_without_transactions() {
+    // One broker cannot host a transaction state log that wants three replicas.
+    let kafka = Kafka::start_with(
+        KafkaOptions::default().property("transaction.state.log.replication.factor", "3"),
+    );
+    let pg = ThrowawayPostgres::start().expect("postgres starts");
+    let config = relay_config(
+        &pg.url("postgres"),
+        &kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        free_port().expect("free port"),
+    );
+    let env = [("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")];
+    let out = relay_cli(&["check"], &config, &env);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("kafka transactions: FAILED")
+            && stdout.contains("kafka.delivery = \"at-least-once\""),
+        "{stdout}"
+    );
+    // At least once needs no transactions.
+    let out = relay_cli(&["check"], &config, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("kafka transactions"), "{stdout}");
 }

@@ -41,5 +41,5 @@ mod transaction;
 pub use delivery::{DeliveryContext, Shared};
 pub use error::{Refused, RefusedKind, SinkError};
 pub use producer::{admin_config, client_config, max_message_bytes, KafkaSink};
-pub use progress::transactional_id;
+pub use progress::{transactional_config, transactional_id};
 pub use transaction::{FAILPOINT_ENV, IDLE_PROGRESS_EVERY, LINGER, MAX_RECORDS};

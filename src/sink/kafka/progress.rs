@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
@@ -33,6 +34,18 @@ pub fn transactional_id(identity: &str) -> String {
     format!("outbox-relay:{identity}")
 }
 
+/// The producer settings of an exactly-once relay with `identity`: [`client_config`]'s, with
+/// the `transactional.id`, records waiting no longer than a transaction may, and without the
+/// gapless guarantee (a failed record fails the whole transaction instead).
+pub fn transactional_config(cfg: &KafkaConfig, identity: &str) -> ClientConfig {
+    let mut client = client_config(cfg);
+    client
+        .set("transactional.id", transactional_id(identity))
+        .set("message.timeout.ms", TRANSACTION_TIMEOUT_MS)
+        .remove("enable.gapless.guarantee");
+    client
+}
+
 impl<P: Copy + Ord + Send + Sync + 'static + Progress> KafkaSink<P> {
     /// An exactly-once sink for the relay `identity`: creates the progress topic if needed,
     /// starts the transactional producer (which fences any older producer of this identity
@@ -45,11 +58,7 @@ impl<P: Copy + Ord + Send + Sync + 'static + Progress> KafkaSink<P> {
         shutdown: CancellationToken,
         identity: &str,
     ) -> Result<(Self, Option<P>), SinkError> {
-        let mut client = client_config(cfg);
-        client
-            .set("transactional.id", transactional_id(identity))
-            .set("message.timeout.ms", TRANSACTION_TIMEOUT_MS)
-            .remove("enable.gapless.guarantee");
+        let client = transactional_config(cfg, identity);
         shared.checkpoint().hold();
         let mut sink = Self::with_client(cfg, client, shared, state, shutdown)?;
         sink.ensure_progress_topic(&cfg.progress_topic).await?;
