@@ -21,16 +21,26 @@ const COMMITTED: &str = "outbox_relay_kafka_transactions_total{outcome=\"committ
 struct Eos {
     pg: ThrowawayPostgres,
     kafka: Kafka,
+    /// Environment every relay of the test gets (the source mode).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Eos {
     fn new() -> Self {
+        Self::with_env(&[])
+    }
+
+    fn with_env(env: &[(&'static str, &'static str)]) -> Self {
         let pg = ThrowawayPostgres::start().expect("postgres starts");
         pg.psql("postgres", include_str!("../sql/outbox.sql"))
             .expect("schema applies");
         let kafka = Kafka::start();
         kafka.create_topic(TOPIC, PARTITIONS);
-        Self { pg, kafka }
+        Self {
+            pg,
+            kafka,
+            env: env.to_vec(),
+        }
     }
 
     fn psql(&self, sql: &str) -> String {
@@ -48,6 +58,7 @@ impl Eos {
             port,
         );
         let mut all = vec![("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")];
+        all.extend_from_slice(&self.env);
         all.extend_from_slice(env);
         let mut relay = Relay::start(&config, &all);
         relay.wait_ready(port, Duration::from_secs(90));
@@ -287,7 +298,16 @@ fn a_crash_after_the_commit_skips_what_was_committed() {
 /// `read_committed` consumer sees every event once; a `read_uncommitted` one sees duplicates.
 #[test]
 fn kill9_in_a_loop_under_a_steady_writer_loses_and_duplicates_nothing() {
-    let eos = Eos::new();
+    crash_loop(Eos::new());
+}
+
+/// The same in polling mode: the progress is the `(txid, seq)` cursor.
+#[test]
+fn polling_kill9_in_a_loop_under_a_steady_writer_loses_and_duplicates_nothing() {
+    crash_loop(Eos::with_env(&[("OUTBOX_RELAY_SOURCE_MODE", "polling")]));
+}
+
+fn crash_loop(eos: Eos) {
     // The slot exists before the writer starts: everything written is streamed.
     let (mut first, _) = eos.relay(&[]);
     first.kill9();
@@ -295,14 +315,7 @@ fn kill9_in_a_loop_under_a_steady_writer_loses_and_duplicates_nothing() {
     let written = AtomicUsize::new(0);
     let mut logs = String::new();
     std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                eos.psql(&insert(n, 5));
-                n += 5;
-                written.store(n, Ordering::Relaxed);
-            }
-        });
+        scope.spawn(|| steady_writer(&eos.pg, &stop, &written));
         let rounds: [&[(&str, &str)]; 6] = [
             &[],
             &[("RELAY_TEST_FAILPOINT", "before-commit:3")],
@@ -428,4 +441,113 @@ fn check_refuses_brokers_without_transactions() {
     let out = relay_cli(&["check"], &config, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("kafka transactions"), "{stdout}");
+}
+
+/// Writes transactions of 5 events until stopped, riding out a Postgres restart (a failed
+/// insert is retried; it committed nothing).
+fn steady_writer(pg: &ThrowawayPostgres, stop: &AtomicBool, written: &AtomicUsize) {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match pg.psql("postgres", &insert(n, 5)) {
+            Ok(_) => {
+                n += 5;
+                written.store(n, Ordering::Relaxed);
+            }
+            // Postgres is restarting: try again shortly.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Waits until the relay on `port` has committed `more` transactions after now.
+fn wait_for_commits(port: u16, more: f64, relay: &Relay) {
+    let from = committed(port);
+    let deadline = Duration::from_secs(120);
+    let what = format!("{more} more transactions committed");
+    let started = Instant::now();
+    while committed(port) < from + more {
+        assert!(started.elapsed() < deadline, "{what}\n{}", relay.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn postgres_and_broker_restarts_lose_and_duplicate_nothing() {
+    let mut eos = Eos::new();
+    let (relay, port) = eos.relay(&[]);
+    let stop = AtomicBool::new(false);
+    let written = AtomicUsize::new(0);
+    let Eos { pg, kafka, .. } = &mut eos;
+    std::thread::scope(|scope| {
+        let pg = &*pg;
+        scope.spawn(|| steady_writer(pg, &stop, &written));
+        wait_for_commits(port, 3.0, &relay);
+        pg.restart().expect("postgres restarts");
+        wait_for_commits(port, 3.0, &relay);
+        kafka.restart();
+        wait_for_commits(port, 3.0, &relay);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(120),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+}
+
+fn signal(relay: &Relay, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{sig}"), relay.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{sig}");
+}
+
+/// A leader frozen (SIGSTOP) while a transaction is open loses the slot to a standby, whose
+/// transactional producer fences it; resumed, the old leader's commit fails and it stands
+/// by. Nothing is lost or duplicated.
+#[test]
+fn a_frozen_leader_is_fenced_by_the_standby_that_takes_over() {
+    let eos = Eos::new();
+    let (mut old, old_port) = eos.relay(&[]);
+    let stop = AtomicBool::new(false);
+    let written = AtomicUsize::new(0);
+    let new = std::thread::scope(|scope| {
+        scope.spawn(|| steady_writer(&eos.pg, &stop, &written));
+        wait_for_commits(old_port, 3.0, &old);
+        signal(&old, "STOP");
+        // The standby takes the slot once the server has ended the frozen leader's
+        // connection (its wal_sender_timeout), then leads.
+        let (new, new_port) = eos.relay(&[]);
+        wait_for_commits(new_port, 3.0, &new);
+        signal(&old, "CONT");
+        wait_until(Duration::from_secs(60), "the old leader stands by", || {
+            status(old_port)["role"] == "standby"
+        });
+        wait_for_commits(new_port, 3.0, &new);
+        stop.store(true, Ordering::Relaxed);
+        new
+    });
+    let logs = format!(
+        "old leader:\n{}\nnew leader:\n{}",
+        old.log_tail(),
+        new.log_tail()
+    );
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(120),
+    );
+    assert_exactly_once(&counts, &expected, &logs);
+    let log = old.log();
+    assert!(
+        log.contains("fenced") || log.contains("Fenced"),
+        "the old leader's producer was fenced\n{logs}"
+    );
+    old.kill9();
 }
