@@ -414,12 +414,20 @@ mod tests {
         c.ack(a);
         assert_eq!(c.take_confirmable(), None, "acknowledged, not committed");
         assert_eq!(c.covered(), Some(10));
-        assert_eq!(c.idle_at(20), None, "an idle position waits for a transaction too");
+        assert_eq!(
+            c.idle_at(20),
+            None,
+            "an idle position waits for a transaction too"
+        );
         assert_eq!(c.covered(), Some(20));
         c.release(20);
         assert_eq!(c.take_confirmable(), Some(20));
         let mut free = Checkpoint::<u64>::new();
-        assert_eq!(free.idle_at(5), Some(5), "not held: idle positions go at once");
+        assert_eq!(
+            free.idle_at(5),
+            Some(5),
+            "not held: idle positions go at once"
+        );
     }
 
     #[test]

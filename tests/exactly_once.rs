@@ -288,7 +288,9 @@ fn a_crash_after_the_commit_skips_what_was_committed() {
     );
     assert_exactly_once(&counts, &expected, &relay.log_tail());
     assert!(
-        relay.log().contains("skipped events already published exactly once"),
+        relay
+            .log()
+            .contains("skipped events already published exactly once"),
         "{}",
         relay.log_tail()
     );
@@ -392,9 +394,7 @@ fn a_slot_ahead_of_the_recorded_progress_halts() {
     relay.wait_exit(Duration::from_secs(30));
     // Events committed and consumed from the slot behind the relay's back.
     eos.write(50, 20, 10);
-    eos.psql(
-        "SELECT pg_replication_slot_advance('outbox_relay', pg_current_wal_lsn())",
-    );
+    eos.psql("SELECT pg_replication_slot_advance('outbox_relay', pg_current_wal_lsn())");
     let port = free_port().expect("free port");
     let config = relay_config(
         &eos.pg.url("postgres"),

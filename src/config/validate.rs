@@ -408,4 +408,26 @@ created_at = ""
         config.kafka.dead_letter_topic = "d".repeat(249);
         assert!(config.validate().is_ok());
     }
+
+    #[test]
+    fn exactly_once_is_asked_for_and_derives_its_producer_identity() {
+        assert_eq!(Config::default().kafka.delivery, Delivery::AtLeastOnce);
+        let config = load("", &[("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")]).unwrap();
+        assert_eq!(config.kafka.delivery, Delivery::ExactlyOnce);
+        assert_eq!(config.kafka.progress_topic, "outbox-relay.progress");
+        let err = load_err("", &[("OUTBOX_RELAY_KAFKA_DELIVERY", "twice")]);
+        assert!(err.contains("kafka.delivery"), "{err}");
+        for key in ["transactional.id", "enable.idempotence"] {
+            let err = validate_err(|c| {
+                c.kafka.delivery = Delivery::ExactlyOnce;
+                c.kafka.properties.insert(key.into(), "x".into());
+            });
+            assert!(err.contains(key) && err.contains("exactly-once"), "{err}");
+        }
+        let err = validate_err(|c| c.kafka.progress_topic = "a b".into());
+        assert!(
+            err.starts_with("kafka.progress_topic must be a Kafka topic name"),
+            "{err}"
+        );
+    }
 }

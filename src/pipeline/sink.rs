@@ -49,7 +49,10 @@ pub trait Sink<P>: Send {
 
     /// The source is at a boundary (no source transaction half sent): a transactional sink
     /// may commit here.
-    fn at_boundary(&mut self, router: &Router) -> impl Future<Output = Result<(), SinkError>> + Send {
+    fn at_boundary(
+        &mut self,
+        router: &Router,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
         let _ = router;
         async { Ok(()) }
     }

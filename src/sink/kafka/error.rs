@@ -27,7 +27,10 @@ pub enum SinkError {
     /// Exactly once: a Kafka transaction failed (aborted, or this producer was fenced by a
     /// relay that took over); the session restarts from the recorded progress.
     #[error("kafka transaction failed while {context}: {error}")]
-    Transaction { context: &'static str, error: String },
+    Transaction {
+        context: &'static str,
+        error: String,
+    },
     /// Only the operator can fix it (the dead-letter topic refused a record for good).
     #[error(transparent)]
     Definite(Definite),

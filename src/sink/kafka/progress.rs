@@ -1,7 +1,7 @@
 //! Exactly once: the transactional producer's start, and the progress topic (created
 //! compacted, read back `read_committed` at the start of every session).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
@@ -157,38 +157,35 @@ async fn read_progress(cfg: &KafkaConfig, identity: &str) -> Result<Option<Strin
         context: "reading the progress topic",
         error,
     };
-    let found = Arc::new(Mutex::new(None));
-    let out = Arc::clone(&found);
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
+    tokio::task::spawn_blocking(move || -> Result<Option<String>, String> {
         let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning)
             .map_err(|e| e.to_string())?;
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + READ_TIMEOUT;
+        let mut found = None;
         loop {
             if Instant::now() >= deadline {
                 return Err("timed out before reaching the end of the topic".into());
             }
             match consumer.poll(Duration::from_millis(200)) {
                 None => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(found),
                 Some(Err(error)) => tracing::debug!(error = %error, "reading the progress topic"),
-                Some(Ok(message)) => {
-                    if message.key() == Some(identity.as_bytes()) {
-                        *out.lock().unwrap_or_else(|p| p.into_inner()) = message
-                            .payload()
-                            .map(|v| String::from_utf8_lossy(v).into_owned());
-                    }
+                // The last record of the identity wins; a tombstone clears it.
+                Some(Ok(message)) if message.key() == Some(identity.as_bytes()) => {
+                    found = message
+                        .payload()
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
                 }
+                Some(Ok(_)) => {}
             }
         }
     })
     .await
     .map_err(|e| failed(e.to_string()))?
-    .map_err(failed)?;
-    let value = found.lock().unwrap_or_else(|p| p.into_inner()).take();
-    Ok(value)
+    .map_err(failed)
 }
 
 #[cfg(test)]

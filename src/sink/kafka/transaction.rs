@@ -92,7 +92,10 @@ impl<P> Transactions<P> {
     fn reached(&self, point: &str) {
         if let Some((name, n)) = &self.failpoint {
             if name == point && self.committed + 1 == *n {
-                tracing::error!(failpoint = point, "test failpoint reached: aborting the process");
+                tracing::error!(
+                    failpoint = point,
+                    "test failpoint reached: aborting the process"
+                );
                 std::process::abort();
             }
         }
@@ -238,8 +241,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         txn.committed += 1;
         if let Some(position) = covered {
             self.shared.checkpoint().release(position);
-            self.state
-                .set_progress(Some((txn.encode)(&position)));
+            self.state.set_progress(Some((txn.encode)(&position)));
         }
         Ok(())
     }
