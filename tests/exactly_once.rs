@@ -111,6 +111,17 @@ fn read_ids(
     expect: usize,
     timeout: Duration,
 ) -> HashMap<String, usize> {
+    read_topic_ids(brokers, TOPIC, isolation, expect, timeout)
+}
+
+/// [`read_ids`] for `topic` (with `PARTITIONS` partitions).
+fn read_topic_ids(
+    brokers: &str,
+    topic: &str,
+    isolation: &str,
+    expect: usize,
+    timeout: Duration,
+) -> HashMap<String, usize> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("broker.address.family", "v4")
@@ -122,7 +133,7 @@ fn read_ids(
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(TOPIC, p, Offset::Beginning)
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
             .expect("offset");
     }
     consumer.assign(&tpl).expect("assign");
@@ -550,4 +561,49 @@ fn a_frozen_leader_is_fenced_by_the_standby_that_takes_over() {
         "the old leader's producer was fenced\n{logs}"
     );
     old.kill9();
+}
+
+/// A dead letter goes in the transaction of the events around it: a crash after that commit
+/// neither loses nor repeats it.
+#[test]
+fn dead_letters_commit_with_their_transaction() {
+    let eos = Eos::new();
+    let (mut relay, _) = eos.relay(&[("RELAY_TEST_FAILPOINT", "after-commit:1")]);
+    // One transaction: good events around one whose aggregate type makes no topic name.
+    eos.psql(&format!(
+        "BEGIN; {}; INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('no such topic!', 'a', 'Happened', '{{}}'); {}; COMMIT;",
+        insert(0, 5),
+        insert(5, 5)
+    ));
+    assert!(
+        relay.wait_exit(Duration::from_secs(60)).is_some(),
+        "the failpoint aborts the relay\n{}",
+        relay.log_tail()
+    );
+    let (relay, _) = eos.relay(&[]);
+    eos.write(10, 20, 5);
+    let bad: HashSet<String> = eos
+        .psql("SELECT id::text FROM outbox.events WHERE aggregate_type <> 'order'")
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let good: HashSet<String> = eos.ids().difference(&bad).cloned().collect();
+    let brokers = eos.kafka.brokers();
+    let counts = read_ids(
+        &brokers,
+        "read_committed",
+        good.len(),
+        Duration::from_secs(60),
+    );
+    assert_exactly_once(&counts, &good, &relay.log_tail());
+    let dead = read_topic_ids(
+        &brokers,
+        "outbox.dead-letter",
+        "read_committed",
+        bad.len(),
+        Duration::from_secs(60),
+    );
+    assert_exactly_once(&dead, &bad, &relay.log_tail());
 }
