@@ -607,3 +607,45 @@ fn dead_letters_commit_with_their_transaction() {
     );
     assert_exactly_once(&dead, &bad, &relay.log_tail());
 }
+
+/// Idle, the relay commits no transaction per tick; on a busy database whose outbox is idle it
+/// records the moved position now and then, so the slot advances and WAL is not pinned.
+#[test]
+fn an_idle_outbox_commits_rarely_and_pins_no_wal() {
+    let eos = Eos::new();
+    let (relay, port) = eos.relay(&[]);
+    eos.write(0, 10, 10);
+    let expected = eos.ids();
+    read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    let before = committed(port);
+    let started = Instant::now();
+    eos.psql("CREATE TABLE busy (n int)");
+    let target = eos.psql("SELECT pg_current_wal_lsn()").trim().to_owned();
+    wait_until(
+        Duration::from_secs(60),
+        "the slot passes the busy table's writes",
+        || {
+            eos.psql("INSERT INTO busy SELECT generate_series(1, 100)");
+            eos.psql(&format!(
+                "SELECT confirmed_flush_lsn >= '{target}' FROM pg_replication_slots \
+                 WHERE slot_name = 'outbox_relay'"
+            ))
+            .trim()
+                == "t"
+        },
+    );
+    // Progress-only transactions at most every 5 s (one may have been due at the start).
+    let allowed = 2.0 + started.elapsed().as_secs_f64() / 5.0;
+    let idle = committed(port) - before;
+    assert!(
+        idle >= 1.0 && idle <= allowed,
+        "{idle} transactions while idle for {:?}\n{}",
+        started.elapsed(),
+        relay.log_tail()
+    );
+}
