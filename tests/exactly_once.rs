@@ -649,3 +649,98 @@ fn an_idle_outbox_commits_rarely_and_pins_no_wal() {
         relay.log_tail()
     );
 }
+
+/// A measurement, not a test (run with `--ignored --nocapture`): drains the same backlog
+/// with an at-least-once and an exactly-once relay, each on its own slot, and prints the
+/// throughput until the slot is confirmed at the end of the backlog (for exactly once: the
+/// last transaction committed). Until the benchmark (`benches/relay`) runs exactly once.
+#[test]
+#[ignore = "a measurement: prints the throughput of both delivery modes"]
+fn measure_exactly_once_against_at_least_once() {
+    let events: usize = std::env::var("EOS_MEASURE_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let eos = Eos::new();
+    // Each mode twice, alternating: the first drain also warms the broker up.
+    let modes = [
+        ("at-least-once", "slot_alo_1"),
+        ("exactly-once", "slot_eos_1"),
+        ("at-least-once", "slot_alo_2"),
+        ("exactly-once", "slot_eos_2"),
+    ];
+    // `EOS_MEASURE_PROPERTIES="k=v,..."`: producer settings for both relays, to try out.
+    let properties: String = std::env::var("EOS_MEASURE_PROPERTIES")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| format!("{k:?} = {v:?}\n"))
+        .collect();
+    let config = |slot: &str, port: u16| {
+        relay_config(
+            &eos.pg.url("postgres"),
+            &eos.kafka.brokers(),
+            slot,
+            "outbox_relay",
+            port,
+        ) + "\n[kafka.properties]\n"
+            + &properties
+    };
+    // Both slots exist before the backlog is written.
+    for (mode, slot) in modes {
+        let port = free_port().expect("free port");
+        let mut relay = Relay::start(
+            &config(slot, port),
+            &[("OUTBOX_RELAY_KAFKA_DELIVERY", mode)],
+        );
+        relay.wait_ready(port, Duration::from_secs(90));
+        relay.terminate(Duration::from_secs(30));
+    }
+    eos.psql(
+        "CREATE PROCEDURE fill(total int, per_tx int) LANGUAGE plpgsql AS $$ \
+         DECLARE i int := 0; BEGIN WHILE i < total LOOP \
+         INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT 'order', (g % 10000)::text, 'Happened', jsonb_build_object('n', g, 'pad', repeat('x', 80)) \
+         FROM generate_series(i, i + per_tx - 1) AS g; COMMIT; i := i + per_tx; END LOOP; END $$",
+    );
+    eos.psql(&format!("CALL fill({events}, 100)"));
+    let end = eos.psql("SELECT pg_current_wal_lsn()").trim().to_owned();
+    let mut rates = Vec::new();
+    for (mode, slot) in modes {
+        let port = free_port().expect("free port");
+        let started = Instant::now();
+        let relay = Relay::start(
+            &config(slot, port),
+            &[
+                ("OUTBOX_RELAY_KAFKA_DELIVERY", mode),
+                ("OUTBOX_RELAY_LOG", "info,outbox_relay=debug"),
+            ],
+        );
+        wait_until(Duration::from_secs(600), "the backlog drains", || {
+            eos.psql(&format!(
+                "SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots \
+                 WHERE slot_name = '{slot}'"
+            ))
+            .trim()
+                == "t"
+        });
+        let secs = started.elapsed().as_secs_f64();
+        let rate = events as f64 / secs;
+        println!(
+            "{mode}: {events} events (100 per transaction) in {secs:.2} s = {rate:.0} events/s; \
+             transactions committed: {}",
+            committed(port)
+        );
+        rates.push(rate);
+        if let Some(path) = std::env::var_os("EOS_MEASURE_LOG") {
+            let path = format!("{}.{slot}", path.to_string_lossy());
+            std::fs::write(path, relay.log()).expect("log written");
+        }
+        drop(relay);
+    }
+    let best = |from: usize| rates[from].max(rates[from + 2]);
+    println!(
+        "exactly-once / at-least-once (best of two each) = {:.2}",
+        best(1) / best(0)
+    );
+}

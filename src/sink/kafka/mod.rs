@@ -42,4 +42,6 @@ pub use delivery::{DeliveryContext, Shared};
 pub use error::{Refused, RefusedKind, SinkError};
 pub use producer::{admin_config, client_config, max_message_bytes, KafkaSink};
 pub use progress::{transactional_config, transactional_id};
-pub use transaction::{FAILPOINT_ENV, IDLE_PROGRESS_EVERY, LINGER, MAX_RECORDS};
+pub use transaction::{
+    BUSY_RECORDS, FAILPOINT_ENV, IDLE_PROGRESS_EVERY, LINGER, MAX_LINGER, MAX_RECORDS,
+};

@@ -3,8 +3,8 @@
 //! position they bring the relay to commit together or not at all.
 //!
 //! A transaction begins with the first record after the last commit and is committed at a
-//! source boundary (no source transaction half sent) once it is [`LINGER`] old or holds
-//! [`MAX_RECORDS`]. Before the commit every record must be acknowledged and every refused one
+//! source boundary (no source transaction half sent) once it is due ([`due`]): [`LINGER`]
+//! old under light traffic, up to [`MAX_LINGER`] or [`MAX_RECORDS`] under load. Before the commit every record must be acknowledged and every refused one
 //! dead-lettered, inside the transaction. Only then does the watermark release the covered
 //! position to the source (`Checkpoint::release`). While idle nothing is committed, except a
 //! progress-only transaction at most every [`IDLE_PROGRESS_EVERY`] when the source position
@@ -25,11 +25,21 @@ use crate::route::Router;
 /// The delivery opaque of the progress record: it acknowledges no unit.
 pub(super) const PROGRESS_OPAQUE: usize = usize::MAX;
 
-/// A transaction open this long is committed at the next source boundary.
+/// A transaction open this long is committed at the next source boundary, unless it is busy
+/// (see [`BUSY_RECORDS`]).
 pub const LINGER: Duration = Duration::from_millis(100);
 
+/// A transaction that reached [`LINGER`] holding at least this many records (a backlog, or
+/// more than 10,000 events/s) goes on, up to [`MAX_LINGER`] or [`MAX_RECORDS`]: a commit costs
+/// about 100 ms of stalled production against a local Apache Kafka, which short transactions
+/// under load could not amortise. Light traffic keeps the short [`LINGER`] (latency).
+pub const BUSY_RECORDS: u64 = 1_000;
+
+/// A busy transaction open this long is committed at the next source boundary.
+pub const MAX_LINGER: Duration = Duration::from_millis(500);
+
 /// A transaction holding this many records is committed at the next source boundary.
-pub const MAX_RECORDS: u64 = 10_000;
+pub const MAX_RECORDS: u64 = 100_000;
 
 /// While idle, the source position is recorded (and then confirmed) at most this often.
 pub const IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -102,6 +112,11 @@ impl<P> Transactions<P> {
     }
 }
 
+/// Whether a transaction open for `age` with `records` is committed at a source boundary.
+fn due(age: Duration, records: u64) -> bool {
+    records >= MAX_RECORDS || age >= MAX_LINGER || (age >= LINGER && records < BUSY_RECORDS)
+}
+
 /// `RELAY_TEST_FAILPOINT=name:N`, if set.
 fn failpoint() -> Option<(String, u64)> {
     let text = std::env::var(FAILPOINT_ENV).ok()?;
@@ -147,9 +162,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             return Ok(());
         };
         match txn.began {
-            Some(began) if began.elapsed() >= LINGER || txn.records >= MAX_RECORDS => {
-                self.commit(router).await
-            }
+            Some(began) if due(began.elapsed(), txn.records) => self.commit(router).await,
             Some(_) => Ok(()),
             None => {
                 let moved = self.shared.checkpoint().covered() > txn.recorded;
@@ -193,6 +206,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        let flushed = began.elapsed();
         let covered = self.shared.checkpoint().covered();
         let Some(txn) = &self.txn else {
             return Ok(());
@@ -230,6 +244,12 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             return Ok(());
         };
         metrics.transactions.with_label_values(&["committed"]).inc();
+        tracing::debug!(
+            records = txn.records,
+            flushed_ms = flushed.as_millis() as u64,
+            committed_ms = began.elapsed().as_millis() as u64,
+            "kafka transaction committed"
+        );
         metrics
             .transaction_duration
             .observe(began.elapsed().as_secs_f64());
@@ -278,5 +298,20 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
     pub fn recorded(&self) -> Option<String> {
         let txn = self.txn.as_ref()?;
         txn.recorded.as_ref().map(|p| (txn.encode)(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn light_transactions_commit_soon_and_busy_ones_grow() {
+        let ms = Duration::from_millis;
+        assert!(!due(ms(50), 10), "young");
+        assert!(due(ms(100), 10), "light traffic: latency first");
+        assert!(!due(ms(100), 5_000), "busy: amortise the commit");
+        assert!(due(ms(500), 5_000));
+        assert!(due(ms(10), MAX_RECORDS));
     }
 }
