@@ -101,6 +101,9 @@ pub struct Checkpoint<P> {
     /// The newest end sealed, or seen while idle: what a Kafka transaction committed now
     /// covers.
     covered: Option<P>,
+    /// Inside a source transaction: the transaction (its key) and how many of its events
+    /// have been published so far; cleared when a unit is sealed.
+    partial: Option<(P, u64)>,
 }
 
 impl<P: Copy + Ord> Default for Checkpoint<P> {
@@ -118,7 +121,18 @@ impl<P: Copy + Ord> Checkpoint<P> {
             confirmable: None,
             held: false,
             covered: None,
+            partial: None,
         }
+    }
+
+    /// Inside the source transaction `key`: its first `events` events are published.
+    pub fn within(&mut self, key: P, events: u64) {
+        self.partial = Some((key, events));
+    }
+
+    /// Where the open source transaction stands, if one is open and has published events.
+    pub fn partial(&self) -> Option<(P, u64)> {
+        self.partial
     }
 
     /// Exactly once: from now on a position is confirmable only once [`Self::release`]d.
@@ -184,6 +198,7 @@ impl<P: Copy + Ord> Checkpoint<P> {
             u.end = Some(end);
         }
         self.covered = self.covered.max(Some(end));
+        self.partial = None;
         self.merge_empty_tail(unit, end);
         self.advance();
     }
@@ -428,6 +443,19 @@ mod tests {
             Some(5),
             "not held: idle positions go at once"
         );
+    }
+
+    #[test]
+    fn a_partial_transaction_is_known_until_sealed() {
+        let mut c = Checkpoint::<u64>::new();
+        let a = c.open(None);
+        assert_eq!(c.partial(), None);
+        c.within(40, 1);
+        c.within(40, 2);
+        assert_eq!(c.partial(), Some((40, 2)));
+        c.seal(a, 48);
+        assert_eq!(c.partial(), None, "a sealed transaction is whole");
+        assert_eq!(c.covered(), Some(48));
     }
 
     #[test]

@@ -744,3 +744,33 @@ fn measure_exactly_once_against_at_least_once() {
         best(1) / best(0)
     );
 }
+
+/// A source transaction larger than one Kafka transaction may hold (100,000 records) is split:
+/// each Kafka transaction records how many of its events are in; a crash after the first
+/// commit resumes inside it, by (commit LSN, index).
+#[test]
+fn a_large_source_transaction_is_split_and_resumed_inside() {
+    let eos = Eos::new();
+    let (mut relay, _) = eos.relay(&[("RELAY_TEST_FAILPOINT", "after-commit:1")]);
+    eos.write(0, 250_000, 250_000);
+    assert!(
+        relay.wait_exit(Duration::from_secs(120)).is_some(),
+        "the failpoint aborts the relay\n{}",
+        relay.log_tail()
+    );
+    let (relay, _) = eos.relay(&[]);
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(300),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    let log = relay.log();
+    assert!(
+        log.contains("resuming after the recorded progress") && log.contains(" events of "),
+        "{}",
+        relay.log_tail()
+    );
+}

@@ -5,6 +5,7 @@ use super::error::SessionError;
 use crate::checkpoint::Progress;
 use crate::config::{Config, SourceMode};
 use crate::error::Definite;
+use crate::sink::kafka::Recorded;
 use crate::source::{Session, Source, SourceError};
 
 /// Who this relay is, the same for every relay that serves the same source: the database
@@ -38,12 +39,16 @@ fn identity_of(cfg: &Config, system: &str, database: &str) -> String {
 /// it (confirmed beyond what was recorded as published: events may be missing from Kafka).
 pub(super) fn resume<S: Source>(
     source: &mut S,
-    recorded: Option<S::Position>,
+    recorded: Option<Recorded<S::Position>>,
     identity: &str,
     cfg: &Config,
 ) -> Result<(), SessionError> {
     let start = source.start_position();
-    let Some(recorded) = recorded else {
+    let Some(Recorded {
+        position: recorded,
+        partial,
+    }) = recorded
+    else {
         tracing::info!(identity, from = %start.to_progress(), "no progress recorded yet: exactly-once delivery starts from the source's position");
         return Ok(());
     };
@@ -56,8 +61,14 @@ pub(super) fn resume<S: Source>(
         })
         .into());
     }
-    tracing::info!(identity, from = %start.to_progress(), recorded = %recorded.to_progress(), "resuming after the recorded progress");
-    source.skip_through(recorded);
+    tracing::info!(
+        identity,
+        from = %start.to_progress(),
+        recorded = %recorded.to_progress(),
+        partial = ?partial.map(|(key, n)| format!("{} events of {}", n, key.to_progress())),
+        "resuming after the recorded progress"
+    );
+    source.skip_through(recorded, partial);
     Ok(())
 }
 

@@ -75,6 +75,10 @@ where
         self.router
     }
 
+    fn within(&mut self, key: P, events: u64) {
+        self.watermark.lock().within(key, events);
+    }
+
     fn idle_at(&mut self, position: P) {
         let to = self.watermark.lock().idle_at(position);
         self.confirm_now = self.confirm_now.max(to);

@@ -103,6 +103,8 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                     let idle = out.confirm_now();
                     if self.source.at_boundary() {
                         self.sink.at_boundary(&self.router).await?;
+                    } else {
+                        self.sink.within_transaction(&self.router).await?;
                     }
                     if let Some(idle) = idle {
                         self.source.confirm(Some(idle)).await?;

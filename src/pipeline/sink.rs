@@ -57,6 +57,16 @@ pub trait Sink<P>: Send {
         async { Ok(()) }
     }
 
+    /// The source is inside a transaction and said how far ([`crate::source::Publish::within`]):
+    /// a transactional sink whose transaction outgrew its bounds may commit here.
+    fn within_transaction(
+        &mut self,
+        router: &Router,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = router;
+        async { Ok(()) }
+    }
+
     /// After a fault: a transactional sink aborts its open transaction.
     fn abort(&mut self) -> impl Future<Output = ()> + Send {
         async {}
@@ -106,6 +116,10 @@ impl<P: Copy + Ord + Send + Sync + 'static> Sink<P> for KafkaSink<P> {
 
     async fn at_boundary(&mut self, router: &Router) -> Result<(), SinkError> {
         KafkaSink::at_boundary(self, router).await
+    }
+
+    async fn within_transaction(&mut self, router: &Router) -> Result<(), SinkError> {
+        KafkaSink::within_transaction(self, router).await
     }
 
     async fn abort(&mut self) {

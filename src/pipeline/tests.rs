@@ -74,7 +74,7 @@ impl Source for FakeSource {
         0
     }
 
-    fn skip_through(&mut self, _: u64) {}
+    fn skip_through(&mut self, _: u64, _: Option<(u64, u64)>) {}
 
     fn start(&mut self, _: &Session) {}
 

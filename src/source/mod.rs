@@ -90,8 +90,9 @@ pub trait Source: Send + Sized {
 
     /// Exactly once: everything at or before `recorded` is in Kafka already (the progress
     /// the last committed Kafka transaction recorded): the source reads past it without
-    /// publishing it, in whole source transactions.
-    fn skip_through(&mut self, recorded: Self::Position);
+    /// publishing it, in whole source transactions; with `partial = (key, n)`, also the first
+    /// `n` events of the transaction `key` (see [`Publish::within`]).
+    fn skip_through(&mut self, recorded: Self::Position, partial: Option<(Self::Position, u64)>);
 
     /// Leading from here on: starts the source's background watchers.
     fn start(&mut self, session: &Session);
@@ -177,6 +178,13 @@ pub trait Publish<P> {
 
     /// The router, for dead letters the source builds itself.
     fn router(&self) -> &Router;
+
+    /// Inside a transaction: its first `events` events (counted from its start, in stream
+    /// order, skipped ones included) are published; `key` names the transaction (logical:
+    /// its commit LSN). An exactly-once sink may commit here when its transaction grew too
+    /// large, recording both, so a resumed source skips those events by
+    /// [`Source::skip_through`]'s `partial`.
+    fn within(&mut self, key: P, events: u64);
 
     /// Everything up to `position` has been read and no transaction is open: when no unit is
     /// pending, `position` is confirmed at once (an idle outbox on a busy database must not

@@ -244,8 +244,9 @@ impl Source for Polling {
         self.confirmed
     }
 
-    /// Reads on from `recorded`: rows at or before it are never read again.
-    fn skip_through(&mut self, recorded: Cursor) {
+    /// Reads on from `recorded`: rows at or before it are never read again. (The cursor is
+    /// row-precise and polling never reports [`Publish::within`], so there is no `partial`.)
+    fn skip_through(&mut self, recorded: Cursor, _partial: Option<(Cursor, u64)>) {
         if recorded > self.read_from {
             tracing::info!(from = %self.read_from, to = %recorded, "skipping rows already published exactly once");
             self.read_from = recorded;

@@ -41,7 +41,7 @@ mod transaction;
 pub use delivery::{DeliveryContext, Shared};
 pub use error::{Refused, RefusedKind, SinkError};
 pub use producer::{admin_config, client_config, max_message_bytes, KafkaSink};
-pub use progress::{transactional_config, transactional_id};
+pub use progress::{transactional_config, transactional_id, Recorded};
 pub use transaction::{
-    BUSY_RECORDS, FAILPOINT_ENV, IDLE_PROGRESS_EVERY, LINGER, MAX_LINGER, MAX_RECORDS,
+    BUSY_RECORDS, FAILPOINT_ENV, IDLE_PROGRESS_EVERY, LINGER, MAX_AGE, MAX_LINGER, MAX_RECORDS,
 };

@@ -57,7 +57,7 @@ impl<P: Copy + Ord + Send + Sync + 'static + Progress> KafkaSink<P> {
         state: Arc<RelayState>,
         shutdown: CancellationToken,
         identity: &str,
-    ) -> Result<(Self, Option<P>), SinkError> {
+    ) -> Result<(Self, Option<Recorded<P>>), SinkError> {
         let client = transactional_config(cfg, identity);
         shared.checkpoint().hold();
         let mut sink = Self::with_client(cfg, client, shared, state, shutdown)?;
@@ -84,12 +84,13 @@ impl<P: Copy + Ord + Send + Sync + 'static + Progress> KafkaSink<P> {
                 })
             })?),
         };
+        let position = recorded.map(|r| r.position);
         sink.txn = Some(Transactions::new(
             identity.to_owned(),
             cfg.progress_topic.clone(),
-            recorded,
+            position,
         ));
-        if let Some(position) = recorded {
+        if let Some(position) = position {
             sink.state.set_progress(Some(position.to_progress()));
         }
         Ok((sink, recorded))
@@ -134,10 +135,28 @@ impl<P: Copy + Ord + Send + Sync + 'static + Progress> KafkaSink<P> {
     }
 }
 
-/// The position in a progress record's value.
-fn parse_progress<P: Progress>(value: &str) -> Option<P> {
+/// What the last committed progress record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded<P> {
+    /// Everything at or before it is in Kafka; the source may be confirmed up to it.
+    pub position: P,
+    /// A source transaction split across Kafka transactions: its key and how many of its
+    /// events are in Kafka.
+    pub partial: Option<(P, u64)>,
+}
+
+/// A progress record's value, read.
+fn parse_progress<P: Progress>(value: &str) -> Option<Recorded<P>> {
     let json: serde_json::Value = serde_json::from_str(value).ok()?;
-    P::from_progress(json.get("position")?.as_str()?)
+    let position = P::from_progress(json.get("position")?.as_str()?)?;
+    let partial = match json.get("partial") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(partial) => Some((
+            P::from_progress(partial.get("transaction")?.as_str()?)?,
+            partial.get("events")?.as_u64()?,
+        )),
+    };
+    Some(Recorded { position, partial })
 }
 
 /// The last committed progress record of `identity` (its value), reading partition 0 of the
@@ -195,8 +214,24 @@ mod tests {
     #[test]
     fn a_progress_value_reads_back() {
         let value = r#"{"position":"16/B374D848","identity":"x"}"#;
-        assert_eq!(parse_progress::<u64>(value), Some(0x16_B374_D848));
+        let whole = Recorded {
+            position: 0x16_B374_D848,
+            partial: None,
+        };
+        assert_eq!(parse_progress::<u64>(value), Some(whole));
+        let value = r#"{"position":"0/10","partial":{"transaction":"0/20","events":7}}"#;
+        assert_eq!(
+            parse_progress::<u64>(value),
+            Some(Recorded {
+                position: 0x10,
+                partial: Some((0x20, 7)),
+            })
+        );
         assert_eq!(parse_progress::<u64>(r#"{"position":7}"#), None);
+        assert_eq!(
+            parse_progress::<u64>(r#"{"position":"0/1","partial":{"events":1}}"#),
+            None
+        );
         assert_eq!(parse_progress::<u64>("not json"), None);
     }
 }

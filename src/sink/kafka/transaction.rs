@@ -38,8 +38,13 @@ pub const BUSY_RECORDS: u64 = 1_000;
 /// A busy transaction open this long is committed at the next source boundary.
 pub const MAX_LINGER: Duration = Duration::from_millis(500);
 
-/// A transaction holding this many records is committed at the next source boundary.
+/// A transaction holding this many records is committed at the next source boundary, or
+/// inside a large source transaction at the next event.
 pub const MAX_RECORDS: u64 = 100_000;
+
+/// A transaction open this long inside a large source transaction is committed at the next
+/// event, well within `transaction.timeout.ms`.
+pub const MAX_AGE: Duration = Duration::from_secs(5);
 
 /// While idle, the source position is recorded (and then confirmed) at most this often.
 pub const IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -90,13 +95,20 @@ impl<P: Progress> Transactions<P> {
 }
 
 impl<P> Transactions<P> {
-    /// The progress record's value.
-    fn value(&self, position: &P) -> String {
-        serde_json::json!({
+    /// The progress record's value: the position to confirm, and where a source transaction
+    /// split across Kafka transactions stands.
+    fn value(&self, position: &P, partial: Option<&(P, u64)>) -> String {
+        let mut value = serde_json::json!({
             "position": (self.encode)(position),
             "identity": self.identity,
-        })
-        .to_string()
+        });
+        if let Some((key, events)) = partial {
+            value["partial"] = serde_json::json!({
+                "transaction": (self.encode)(key),
+                "events": events,
+            });
+        }
+        value.to_string()
     }
 
     fn reached(&self, point: &str) {
@@ -176,6 +188,23 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         }
     }
 
+    /// Inside a source transaction that outgrew the bounds ([`MAX_RECORDS`], [`MAX_AGE`]):
+    /// commits, recording how far into it the relay got (`Checkpoint::partial`).
+    pub async fn within_transaction(&mut self, router: &Router) -> Result<(), SinkError> {
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        let Some(began) = txn.began else {
+            return Ok(());
+        };
+        let oversized = txn.records >= MAX_RECORDS || began.elapsed() >= MAX_AGE;
+        if oversized && self.shared.checkpoint().partial().is_some() {
+            self.commit(router).await
+        } else {
+            Ok(())
+        }
+    }
+
     /// Commits the open transaction, if any: waits for every record's acknowledgement
     /// (dead-lettering refused ones inside it), appends the progress record for what the
     /// transaction covers, commits, and releases that position to the source. Only at a
@@ -207,12 +236,15 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let flushed = began.elapsed();
-        let covered = self.shared.checkpoint().covered();
+        let (covered, partial) = {
+            let checkpoint = self.shared.checkpoint();
+            (checkpoint.covered(), checkpoint.partial())
+        };
         let Some(txn) = &self.txn else {
             return Ok(());
         };
         if let Some(position) = covered {
-            let value = txn.value(&position);
+            let value = txn.value(&position, partial.as_ref());
             let headers = OwnedHeaders::new().insert(Header {
                 key: "relay",
                 value: Some("outbox-relay"),

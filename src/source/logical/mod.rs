@@ -99,6 +99,9 @@ pub struct Logical {
     skip_through: u64,
     /// Events read and not published because they are in Kafka already.
     skipped: u64,
+    /// Exactly once: the transaction (by commit LSN) whose first events are in Kafka already,
+    /// and how many.
+    skip_partial: Option<(u64, u64)>,
 }
 
 impl Logical {
@@ -133,12 +136,20 @@ impl Logical {
                     commit: final_lsn.as_u64(),
                     commit_ms,
                     skip: final_lsn.as_u64() < self.skip_through,
+                    events: 0,
+                    skip_events: match self.skip_partial {
+                        Some((commit, n)) if commit == final_lsn.as_u64() => n,
+                        _ => 0,
+                    },
                 });
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 if let Some(tx) = self.open.take() {
                     out.seal(tx.unit, end_lsn.as_u64());
-                    if tx.skip && self.skipped > 0 && end_lsn.as_u64() >= self.skip_through {
+                    // The last transaction in Kafka already, wholly or in part.
+                    let last =
+                        (tx.skip && end_lsn.as_u64() >= self.skip_through) || tx.skip_events > 0;
+                    if last && self.skipped > 0 {
                         tracing::info!(events = self.skipped, through = %Lsn::from_u64(self.skip_through), "skipped events already published exactly once");
                     }
                 }
@@ -157,15 +168,17 @@ impl Logical {
                     return Ok(());
                 }
                 if transactional {
-                    if let Some(tx) = &self.open {
-                        if tx.skip {
+                    if let Some(tx) = &mut self.open {
+                        if !tx.next_event() {
                             self.skipped += 1;
                             return Ok(());
                         }
                         let (unit, commit_lsn, commit_ms) =
                             (tx.unit, tx.commit_lsn.clone(), tx.commit_ms);
+                        let (commit, events) = (tx.commit, tx.events);
                         self.emitted(&content, unit, &commit_lsn, commit_ms, out)
                             .await?;
+                        out.within(commit, events);
                     }
                 } else if lsn.as_u64() <= self.skip_through {
                     self.skipped += 1;
@@ -215,16 +228,17 @@ impl Logical {
                 let Some(Some(columns)) = self.relations.get(&relation_id) else {
                     return Ok(());
                 };
-                let Some(tx) = &self.open else {
+                let Some(tx) = &mut self.open else {
                     return Ok(());
                 };
-                if tx.skip {
+                if !tx.next_event() {
                     self.skipped += 1;
                     return Ok(());
                 }
                 let event = row_event(columns, &new, &tx.commit_lsn, tx.commit_ms);
-                let unit = tx.unit;
+                let (unit, commit, events) = (tx.unit, tx.commit, tx.events);
                 out.publish(unit, event).await?;
+                out.within(commit, events);
             }
             Message::Update { relation_id, .. } => self.ignored(relation_id, "update"),
             Message::Delete { relation_id, .. } => self.ignored(relation_id, "delete"),
@@ -406,6 +420,7 @@ impl Source for Logical {
             report: Arc::clone(&session.report),
             skip_through: 0,
             skipped: 0,
+            skip_partial: None,
         })
     }
 
@@ -413,8 +428,9 @@ impl Source for Logical {
         self.confirmed
     }
 
-    fn skip_through(&mut self, recorded: u64) {
+    fn skip_through(&mut self, recorded: u64, partial: Option<(u64, u64)>) {
         self.skip_through = recorded;
+        self.skip_partial = partial;
     }
 
     fn start(&mut self, _session: &Session) {
@@ -565,6 +581,27 @@ mod tests {
         );
         assert_eq!(event.timestamp_ms, Some(1_714_564_800_500));
         assert_eq!(event.pg_lsn, Some("0/16B3748"));
+    }
+
+    #[test]
+    fn a_resumed_transaction_skips_its_first_events() {
+        let tx = |skip, skip_events| OpenTransaction {
+            unit: 0,
+            commit_lsn: "0/1".into(),
+            commit: 1,
+            commit_ms: 0,
+            skip,
+            events: 0,
+            skip_events,
+        };
+        let mut partial = tx(false, 2);
+        let published: Vec<bool> = (0..4).map(|_| partial.next_event()).collect();
+        assert_eq!(published, [false, false, true, true]);
+        assert_eq!(partial.events, 4);
+        let mut whole = tx(true, 0);
+        assert!(!whole.next_event());
+        let mut fresh = tx(false, 0);
+        assert!(fresh.next_event());
     }
 
     #[test]
