@@ -713,7 +713,10 @@ fn measure_exactly_once_against_at_least_once() {
             &config(slot, port),
             &[
                 ("OUTBOX_RELAY_KAFKA_DELIVERY", mode),
-                ("OUTBOX_RELAY_LOG", "info,outbox_relay=debug"),
+                (
+                    "OUTBOX_RELAY_LOG",
+                    "info,outbox_relay=debug,librdkafka=debug",
+                ),
             ],
         );
         wait_until(Duration::from_secs(600), "the backlog drains", || {

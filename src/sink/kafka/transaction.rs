@@ -260,12 +260,22 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         }
         txn.reached("before-commit");
         let producer = self.producer.clone();
-        let result = tokio::task::spawn_blocking(move || producer.commit_transaction(CALL_TIMEOUT))
-            .await
-            .map_err(|e| SinkError::Transaction {
-                context: "committing",
-                error: e.to_string(),
-            })?;
+        let result = tokio::task::spawn_blocking(move || {
+            // The progress record must be out first: rdkafka's commit flushes by polling for
+            // up to 100 ms at a time, events that the producer's own polling thread takes
+            // away, so it would wait that long for nothing. Flushing in 1 ms steps sends the
+            // record at once (librdkafka skips the linger while flushing).
+            let deadline = Instant::now() + CALL_TIMEOUT;
+            while producer.in_flight_count() > 0 && Instant::now() < deadline {
+                let _ = producer.flush(Duration::from_millis(1));
+            }
+            producer.commit_transaction(CALL_TIMEOUT)
+        })
+        .await
+        .map_err(|e| SinkError::Transaction {
+            context: "committing",
+            error: e.to_string(),
+        })?;
         let metrics = &self.shared.metrics;
         if let Err(error) = result {
             metrics.transactions.with_label_values(&["aborted"]).inc();
