@@ -141,6 +141,12 @@ impl<P: Copy + Ord> Checkpoint<P> {
         self.confirmable = None;
     }
 
+    /// Exactly once: the session starts at `position` (everything before it is in Kafka), so
+    /// even its first transaction, inside a large source transaction, records a position.
+    pub fn start_at(&mut self, position: P) {
+        self.covered = self.covered.max(Some(position));
+    }
+
     /// Exactly once: a Kafka transaction covering everything up to `position` committed.
     pub fn release(&mut self, position: P) {
         self.confirmable = self.confirmable.max(Some(position));

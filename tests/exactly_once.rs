@@ -761,6 +761,13 @@ fn a_large_source_transaction_is_split_and_resumed_inside() {
         "the failpoint aborts the relay\n{}",
         relay.log_tail()
     );
+    // Again, right after the next relay's first commit, which also lies inside it.
+    let (mut relay, _) = eos.relay(&[("RELAY_TEST_FAILPOINT", "after-commit:1")]);
+    assert!(
+        relay.wait_exit(Duration::from_secs(120)).is_some(),
+        "the failpoint aborts the relay\n{}",
+        relay.log_tail()
+    );
     let (relay, _) = eos.relay(&[]);
     let expected = eos.ids();
     let counts = read_ids(

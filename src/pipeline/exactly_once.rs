@@ -37,12 +37,13 @@ fn identity_of(cfg: &Config, system: &str, database: &str) -> String {
 
 /// Has `source` skip what the progress `recorded` covers; fails when the source stands past
 /// it (confirmed beyond what was recorded as published: events may be missing from Kafka).
+/// Returns where the session starts: everything before it is in Kafka.
 pub(super) fn resume<S: Source>(
     source: &mut S,
     recorded: Option<Recorded<S::Position>>,
     identity: &str,
     cfg: &Config,
-) -> Result<(), SessionError> {
+) -> Result<S::Position, SessionError> {
     let start = source.start_position();
     let Some(Recorded {
         position: recorded,
@@ -50,7 +51,7 @@ pub(super) fn resume<S: Source>(
     }) = recorded
     else {
         tracing::info!(identity, from = %start.to_progress(), "no progress recorded yet: exactly-once delivery starts from the source's position");
-        return Ok(());
+        return Ok(start);
     };
     if start > recorded {
         return Err(SourceError::from(Definite::SourceAheadOfProgress {
@@ -69,7 +70,7 @@ pub(super) fn resume<S: Source>(
         "resuming after the recorded progress"
     );
     source.skip_through(recorded, partial);
-    Ok(())
+    Ok(recorded)
 }
 
 #[cfg(test)]

@@ -62,7 +62,8 @@ pub async fn run_session<S: Source>(
                 &identity,
             )
             .await?;
-            exactly_once::resume(&mut source, recorded, &identity, &session.config)?;
+            let start = exactly_once::resume(&mut source, recorded, &identity, &session.config)?;
+            watermark.lock().start_at(start);
             sink
         }
     };
