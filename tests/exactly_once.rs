@@ -784,3 +784,37 @@ fn a_large_source_transaction_is_split_and_resumed_inside() {
         relay.log_tail()
     );
 }
+
+/// SIGTERM while the broker is down: the relay does not wait for Kafka for long; it aborts
+/// its transaction and exits, and the next relay delivers everything once.
+#[test]
+fn sigterm_with_the_broker_down_exits_and_loses_and_duplicates_nothing() {
+    let mut eos = Eos::new();
+    let (mut relay, _) = eos.relay(&[]);
+    eos.write(0, 100, 10);
+    let expected = eos.ids();
+    read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(60),
+    );
+    eos.kafka.stop();
+    eos.write(100, 100, 10);
+    relay.sigterm();
+    assert!(
+        relay.wait_exit(Duration::from_secs(60)).is_some(),
+        "the relay exits without Kafka\n{}",
+        relay.log_tail()
+    );
+    eos.kafka.start_again();
+    let (relay, _) = eos.relay(&[]);
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(120),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+}

@@ -93,11 +93,16 @@ impl<P: Copy + Ord + Send + Sync + 'static> Sink<P> for KafkaSink<P> {
     }
 
     /// Exactly once: commits what drained when the source is at a boundary; otherwise (a
-    /// halt inside a source transaction) aborts, so that nothing of that transaction commits.
+    /// halt inside a source transaction) aborts, so that nothing of that transaction commits,
+    /// and so when Kafka did not acknowledge everything by `deadline` (it is all resent).
     async fn drain(&mut self, router: &Router, deadline: Instant) -> Result<(), SinkError> {
         self.drain_for_shutdown(router, deadline).await?;
         if self.is_transactional() {
-            if self.shared().checkpoint().has_open_unit() {
+            let unsettled = {
+                let checkpoint = self.shared().checkpoint();
+                checkpoint.has_open_unit() || checkpoint.inflight() > 0
+            };
+            if unsettled {
                 KafkaSink::abort(self).await;
             } else {
                 self.commit(router).await?;

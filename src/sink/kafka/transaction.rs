@@ -52,8 +52,15 @@ pub const IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long one call of librdkafka's transactional API may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an abort may take: one that can't is left to the next `init_transactions`.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a commit waits for its records' acknowledgements.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a commit waits for them once shutdown was asked for: then the transaction is
+/// aborted and its records are resent after the restart.
+const FLUSH_TIMEOUT_ON_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Names a test failpoint: `before-commit` (records produced, progress record produced, the
 /// commit not sent) or `after-commit` (committed, the source not yet confirmed). The relay
@@ -214,6 +221,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             return Ok(());
         };
         let deadline = Instant::now() + FLUSH_TIMEOUT;
+        let mut shutdown_seen: Option<Instant> = None;
         loop {
             while let Some(refused) = self.try_refused() {
                 self.redirect(refused, router).await?;
@@ -226,6 +234,15 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             }
             if self.stop.is_cancelled() {
                 return Err(SinkError::LeadershipLost);
+            }
+            if self.shutdown.is_cancelled() {
+                let seen = *shutdown_seen.get_or_insert_with(Instant::now);
+                if seen.elapsed() >= FLUSH_TIMEOUT_ON_SHUTDOWN {
+                    return Err(SinkError::Transaction {
+                        context: "waiting for the transaction's acknowledgements at shutdown",
+                        error: "Kafka acknowledged too slowly; the transaction is aborted and resent after the restart".into(),
+                    });
+                }
             }
             if Instant::now() >= deadline {
                 return Err(SinkError::Transaction {
@@ -321,7 +338,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         let producer = self.producer.clone();
         let aborted =
-            tokio::task::spawn_blocking(move || producer.abort_transaction(CALL_TIMEOUT)).await;
+            tokio::task::spawn_blocking(move || producer.abort_transaction(ABORT_TIMEOUT)).await;
         match aborted {
             Ok(Ok(())) => tracing::info!("kafka transaction aborted"),
             Ok(Err(error)) => {
