@@ -4,8 +4,10 @@
 //!
 //! A transaction begins with the first record after the last commit and is committed at a
 //! source boundary (no source transaction half sent) once it is due ([`due`]): [`LINGER`]
-//! old under light traffic, up to [`MAX_LINGER`] or [`MAX_RECORDS`] under load. Before the commit every record must be acknowledged and every refused one
-//! dead-lettered, inside the transaction. Only then does the watermark release the covered
+//! old under light traffic, up to [`MAX_LINGER`] or [`MAX_RECORDS`] under load; inside a
+//! source transaction only once it outgrew [`MAX_RECORDS`] or [`MAX_AGE`], recording how far
+//! into that source transaction it got. Before the commit every record must be acknowledged
+//! and every refused one dead-lettered, inside the transaction. Only then does the watermark release the covered
 //! position to the source (`Checkpoint::release`). While idle nothing is committed, except a
 //! progress-only transaction at most every [`IDLE_PROGRESS_EVERY`] when the source position
 //! moved without events (so an idle outbox on a busy database does not pin WAL). See
@@ -30,9 +32,10 @@ pub(super) const PROGRESS_OPAQUE: usize = usize::MAX;
 pub const LINGER: Duration = Duration::from_millis(100);
 
 /// A transaction that reached [`LINGER`] holding at least this many records (a backlog, or
-/// more than 10,000 events/s) goes on, up to [`MAX_LINGER`] or [`MAX_RECORDS`]: a commit costs
-/// about 100 ms of stalled production against a local Apache Kafka, which short transactions
-/// under load could not amortise. Light traffic keeps the short [`LINGER`] (latency).
+/// more than 10,000 events/s) goes on, up to [`MAX_LINGER`] or [`MAX_RECORDS`]: a commit stalls
+/// production (the last records' acknowledgements, then the commit itself), which short
+/// transactions under load would pay often. Light traffic keeps the short [`LINGER`]
+/// (latency).
 pub const BUSY_RECORDS: u64 = 1_000;
 
 /// A busy transaction open this long is committed at the next source boundary.
@@ -143,7 +146,7 @@ fn failpoint() -> Option<(String, u64)> {
     Some((name.to_owned(), n.parse().ok()?))
 }
 
-/// The text of a transactional API error, and whether it requires an abort.
+/// A transactional API call failed while `context`.
 fn txn_error(context: &'static str, error: &KafkaError) -> SinkError {
     SinkError::Transaction {
         context,
