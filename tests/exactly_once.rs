@@ -818,3 +818,67 @@ fn sigterm_with_the_broker_down_exits_and_loses_and_duplicates_nothing() {
     );
     assert_exactly_once(&counts, &expected, &relay.log_tail());
 }
+
+/// Another relay's transaction open on a shared progress topic holds back what a
+/// `read_committed` reader is shown; the relay's own last record may lie behind it. A
+/// restarting relay waits for that transaction to end instead of resuming from an older
+/// record.
+#[test]
+fn a_foreign_open_transaction_on_the_progress_topic_is_waited_for() {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let eos = Eos::new();
+    let (mut relay, _) = eos.relay(&[("RELAY_TEST_FAILPOINT", "after-commit:1")]);
+    let foreign: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", eos.kafka.brokers())
+        .set("broker.address.family", "v4")
+        .set("transactional.id", unique_name("foreign"))
+        .create()
+        .expect("producer");
+    foreign
+        .init_transactions(Duration::from_secs(30))
+        .expect("init");
+    foreign.begin_transaction().expect("begin");
+    foreign
+        .send(
+            BaseRecord::to("outbox-relay.progress")
+                .key("another relay")
+                .payload("{}")
+                .partition(0),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send");
+    foreign.flush(Duration::from_secs(30)).expect("flush");
+    // The relay's first commit lands behind the open transaction; then it crashes before
+    // confirming the slot.
+    eos.write(0, 100, 10);
+    assert!(
+        relay.wait_exit(Duration::from_secs(60)).is_some(),
+        "the failpoint aborts the relay\n{}",
+        relay.log_tail()
+    );
+    let port = free_port().expect("free port");
+    let config = relay_config(
+        &eos.pg.url("postgres"),
+        &eos.kafka.brokers(),
+        "outbox_relay",
+        "outbox_relay",
+        port,
+    );
+    let relay = Relay::start(&config, &[("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")]);
+    wait_until(Duration::from_secs(60), "the relay waits", || {
+        relay
+            .log()
+            .contains("a transaction is open on the progress topic")
+    });
+    foreign
+        .commit_transaction(Duration::from_secs(30))
+        .expect("commit");
+    let expected = eos.ids();
+    let counts = read_ids(
+        &eos.kafka.brokers(),
+        "read_committed",
+        expected.len(),
+        Duration::from_secs(120),
+    );
+    assert_exactly_once(&counts, &expected, &relay.log_tail());
+}

@@ -168,8 +168,10 @@ async fn read_progress(cfg: &KafkaConfig, identity: &str) -> Result<Option<Strin
         .set("group.id", "outbox-relay-progress")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest");
+    let mut probe = config.clone();
+    probe.set("isolation.level", "read_uncommitted");
+    config.set("isolation.level", "read_committed");
     let topic = cfg.progress_topic.clone();
     let identity = identity.to_owned();
     let failed = |error: String| SinkError::Transaction {
@@ -178,19 +180,32 @@ async fn read_progress(cfg: &KafkaConfig, identity: &str) -> Result<Option<Strin
     };
     tokio::task::spawn_blocking(move || -> Result<Option<String>, String> {
         let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+        let uncommitted: BaseConsumer = probe.create().map_err(|e| e.to_string())?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning)
             .map_err(|e| e.to_string())?;
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + READ_TIMEOUT;
         let mut found = None;
+        let mut waiting = false;
         loop {
             if Instant::now() >= deadline {
                 return Err("timed out before reaching the end of the topic".into());
             }
             match consumer.poll(Duration::from_millis(200)) {
                 None => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(found),
+                // The end for read_committed is the first offset of a transaction still open
+                // (another relay's on a shared topic): a record of ours may lie behind it.
+                // Only with none open is the end the real end.
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    if none_open(&consumer, &uncommitted, &topic)? {
+                        return Ok(found);
+                    }
+                    if !waiting {
+                        waiting = true;
+                        tracing::info!(topic, "a transaction is open on the progress topic; waiting for it to end before reading the progress");
+                    }
+                }
                 Some(Err(error)) => tracing::debug!(error = %error, "reading the progress topic"),
                 // The last record of the identity wins; a tombstone clears it.
                 Some(Ok(message)) if message.key() == Some(identity.as_bytes()) => {
@@ -205,6 +220,24 @@ async fn read_progress(cfg: &KafkaConfig, identity: &str) -> Result<Option<Strin
     .await
     .map_err(|e| failed(e.to_string()))?
     .map_err(failed)
+}
+
+/// Whether no transaction is open on partition 0 of `topic`: its last stable offset (what a
+/// `read_committed` client is told is the end) is its high watermark (what a
+/// `read_uncommitted` one is told).
+fn none_open(
+    committed: &BaseConsumer,
+    uncommitted: &BaseConsumer,
+    topic: &str,
+) -> Result<bool, String> {
+    let timeout = Duration::from_secs(10);
+    let (_, stable) = committed
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(|e| e.to_string())?;
+    let (_, high) = uncommitted
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(|e| e.to_string())?;
+    Ok(stable >= high)
 }
 
 #[cfg(test)]
