@@ -8,7 +8,9 @@
 //! final position (drain-then-confirm). `run.rs` is the loop, `sink.rs` the sink contract and
 //! its Kafka implementation, `publisher.rs` what a source publishes into, `error.rs` why a
 //! session ends ([`SessionError`]: the source's fault or the sink's; sources never see the
-//! sink's, they pass the publisher's error on).
+//! sink's, they pass the publisher's error on), `exactly_once.rs` the start of an exactly-once
+//! session (the relay's identity, resuming after the progress recorded in Kafka; the sink
+//! then commits at source boundaries, see `docs/EXACTLY-ONCE.md`).
 //!
 //! Generic over both sides (no `dyn`): the hot path compiles to the same code as a source
 //! that called the Kafka sink itself.
