@@ -23,6 +23,27 @@ use std::time::Instant;
 /// A unit's number, handed to the producer with each record and returned with its ack.
 pub type UnitId = u64;
 
+/// A source position as the progress record of exactly-once delivery writes it (text, so an
+/// operator can read the record), and back.
+pub trait Progress: Sized {
+    fn to_progress(&self) -> String;
+    fn from_progress(text: &str) -> Option<Self>;
+}
+
+/// An LSN, written as Postgres writes it (`16/B374D848`).
+impl Progress for u64 {
+    fn to_progress(&self) -> String {
+        format!("{:X}/{:X}", self >> 32, self & 0xFFFF_FFFF)
+    }
+
+    fn from_progress(text: &str) -> Option<Self> {
+        let (hi, lo) = text.split_once('/')?;
+        let hi = u32::from_str_radix(hi, 16).ok()?;
+        let lo = u32::from_str_radix(lo, 16).ok()?;
+        Some((u64::from(hi) << 32) | u64::from(lo))
+    }
+}
+
 /// The one watermark of a pipeline session, shared by the pipeline (which opens and seals
 /// units and takes confirmable positions) and the sink's delivery reports (which acknowledge).
 #[derive(Debug)]
@@ -74,6 +95,15 @@ pub struct Checkpoint<P> {
     inflight: u64,
     /// The newest position that became confirmable and has not been taken yet.
     confirmable: Option<P>,
+    /// Exactly once: positions become confirmable only when a Kafka transaction covering them
+    /// committed ([`Self::release`]), not when their records are acknowledged.
+    held: bool,
+    /// The newest end sealed, or seen while idle: what a Kafka transaction committed now
+    /// covers.
+    covered: Option<P>,
+    /// Inside a source transaction: the transaction (its key) and how many of its events
+    /// have been published so far; cleared when a unit is sealed.
+    partial: Option<(P, u64)>,
 }
 
 impl<P: Copy + Ord> Default for Checkpoint<P> {
@@ -89,7 +119,64 @@ impl<P: Copy + Ord> Checkpoint<P> {
             first: 0,
             inflight: 0,
             confirmable: None,
+            held: false,
+            covered: None,
+            partial: None,
         }
+    }
+
+    /// Inside the source transaction `key`: its first `events` events are published.
+    pub fn within(&mut self, key: P, events: u64) {
+        self.partial = Some((key, events));
+    }
+
+    /// Where the open source transaction stands, if one is open and has published events.
+    pub fn partial(&self) -> Option<(P, u64)> {
+        self.partial
+    }
+
+    /// Exactly once: from now on a position is confirmable only once [`Self::release`]d.
+    pub fn hold(&mut self) {
+        self.held = true;
+        self.confirmable = None;
+    }
+
+    /// Exactly once: the session starts at `position` (everything before it is in Kafka), so
+    /// even its first transaction, inside a large source transaction, records a position.
+    pub fn start_at(&mut self, position: P) {
+        self.covered = self.covered.max(Some(position));
+    }
+
+    /// Exactly once: a Kafka transaction covering everything up to `position` committed.
+    pub fn release(&mut self, position: P) {
+        self.confirmable = self.confirmable.max(Some(position));
+    }
+
+    /// The newest position sealed or seen idle: at a boundary with nothing in flight, a
+    /// transaction committed now covers everything up to it.
+    pub fn covered(&self) -> Option<P> {
+        self.covered
+    }
+
+    /// True when a unit is still being read (its transaction's end is not known yet).
+    pub fn has_open_unit(&self) -> bool {
+        self.units.iter().any(|u| u.end.is_none())
+    }
+
+    /// Everything up to `position` has been read and no transaction is open: returns what may
+    /// be confirmed now. When no unit is pending that includes `position` itself (an idle
+    /// outbox on a busy database must not pin WAL), except when held: then `position` waits
+    /// for a transaction recording it.
+    pub fn idle_at(&mut self, position: P) -> Option<P> {
+        let mut to = self.take_confirmable();
+        if self.is_idle() {
+            if self.held {
+                self.covered = self.covered.max(Some(position));
+            } else {
+                to = to.max(Some(position));
+            }
+        }
+        to
     }
 
     /// Starts a unit (a transaction's `Begin`). Records are added with [`Self::add`] and the
@@ -116,6 +203,8 @@ impl<P: Copy + Ord> Checkpoint<P> {
         if let Some(u) = self.unit_mut(unit) {
             u.end = Some(end);
         }
+        self.covered = self.covered.max(Some(end));
+        self.partial = None;
         self.merge_empty_tail(unit, end);
         self.advance();
     }
@@ -190,10 +279,12 @@ impl<P: Copy + Ord> Checkpoint<P> {
         while let Some(front) = self.units.front() {
             match front.end {
                 Some(end) if front.pending == 0 => {
-                    self.confirmable = Some(match self.confirmable {
-                        Some(prev) if prev > end => prev,
-                        _ => end,
-                    });
+                    if !self.held {
+                        self.confirmable = Some(match self.confirmable {
+                            Some(prev) if prev > end => prev,
+                            _ => end,
+                        });
+                    }
                     self.units.pop_front();
                     self.first += 1;
                 }
@@ -332,6 +423,64 @@ mod tests {
         c.ack(open);
         c.seal(open, 40);
         assert_eq!(c.take_confirmable(), Some(50));
+    }
+
+    #[test]
+    fn held_positions_wait_for_their_transaction() {
+        let mut c = Checkpoint::<u64>::new();
+        c.hold();
+        let a = c.open(None);
+        c.add(a);
+        c.seal(a, 10);
+        c.ack(a);
+        assert_eq!(c.take_confirmable(), None, "acknowledged, not committed");
+        assert_eq!(c.covered(), Some(10));
+        assert_eq!(
+            c.idle_at(20),
+            None,
+            "an idle position waits for a transaction too"
+        );
+        assert_eq!(c.covered(), Some(20));
+        c.release(20);
+        assert_eq!(c.take_confirmable(), Some(20));
+        let mut free = Checkpoint::<u64>::new();
+        assert_eq!(
+            free.idle_at(5),
+            Some(5),
+            "not held: idle positions go at once"
+        );
+    }
+
+    #[test]
+    fn a_partial_transaction_is_known_until_sealed() {
+        let mut c = Checkpoint::<u64>::new();
+        let a = c.open(None);
+        assert_eq!(c.partial(), None);
+        c.within(40, 1);
+        c.within(40, 2);
+        assert_eq!(c.partial(), Some((40, 2)));
+        c.seal(a, 48);
+        assert_eq!(c.partial(), None, "a sealed transaction is whole");
+        assert_eq!(c.covered(), Some(48));
+    }
+
+    #[test]
+    fn an_open_unit_is_seen() {
+        let mut c = Checkpoint::<u64>::new();
+        let a = c.open(None);
+        assert!(c.has_open_unit());
+        c.seal(a, 1);
+        assert!(!c.has_open_unit());
+    }
+
+    #[test]
+    fn lsn_progress_reads_back() {
+        for lsn in [0u64, 1, 0x16_B374_D848, u64::MAX] {
+            assert_eq!(u64::from_progress(&lsn.to_progress()), Some(lsn));
+        }
+        assert_eq!(0x16_B374_D848u64.to_progress(), "16/B374D848");
+        assert_eq!(u64::from_progress("x/1"), None);
+        assert_eq!(u64::from_progress("12"), None);
     }
 
     proptest! {

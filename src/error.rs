@@ -194,6 +194,19 @@ pub enum Definite {
         topic: String,
         error: String,
     },
+    /// Exactly once: the source was confirmed past the progress recorded in Kafka.
+    SourceAheadOfProgress {
+        identity: String,
+        position: String,
+        recorded: String,
+        topic: String,
+    },
+    /// Exactly once: the progress record in Kafka cannot be read as a position.
+    ProgressUnreadable {
+        identity: String,
+        topic: String,
+        value: String,
+    },
 }
 
 /// Inserts committed while the table was not covered are gone from the stream.
@@ -348,6 +361,14 @@ impl Definite {
             Self::DeadLetterRefused { topic, error } => format!(
                 "the dead-letter topic {topic} refused a record even without its value ({error})"
             ),
+            Self::SourceAheadOfProgress { identity, position, recorded, topic } => format!(
+                "the source of {identity} stands at {position}, past the progress recorded in \
+                 {topic} ({recorded}): events committed in between were confirmed without being \
+                 recorded as published exactly once"
+            ),
+            Self::ProgressUnreadable { identity, topic, value } => format!(
+                "the progress record of {identity} in {topic} is unreadable: {value:?}"
+            ),
         }
     }
 
@@ -464,6 +485,15 @@ impl Definite {
             }
             Self::InvalidEvent { .. } => "correct the producer of this event, then set on_invalid = \"dead-letter\" to let it pass to the dead-letter topic".into(),
             Self::DeadLetterRefused { .. } => "let the topic take it (its max.message.bytes, policy or ACLs), then restart the relay".into(),
+            Self::SourceAheadOfProgress { identity, topic, .. } => format!(
+                "if an at-least-once relay published them, delete the record (a tombstone with key \
+                 {identity:?} in {topic}) and restart; otherwise republish the events between the \
+                 two positions first"
+            ),
+            Self::ProgressUnreadable { identity, topic, .. } => format!(
+                "delete the record (a tombstone with key {identity:?} in {topic}) and republish \
+                 what follows the source's confirmed position"
+            ),
         }
     }
 }

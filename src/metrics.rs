@@ -29,6 +29,10 @@ pub const PRODUCER_QUEUE_DEPTH: &str = "outbox_relay_producer_queue_depth";
 pub const HALTED: &str = "outbox_relay_halted";
 pub const RETENTION_DELETED_EVENTS_TOTAL: &str = "outbox_relay_retention_deleted_events_total";
 pub const RESERVED_HEADERS_DROPPED_TOTAL: &str = "outbox_relay_reserved_headers_dropped_total";
+pub const KAFKA_TRANSACTIONS_TOTAL: &str = "outbox_relay_kafka_transactions_total";
+pub const KAFKA_TRANSACTION_DURATION_SECONDS: &str =
+    "outbox_relay_kafka_transaction_duration_seconds";
+pub const KAFKA_TRANSACTION_RECORDS: &str = "outbox_relay_kafka_transaction_records";
 
 pub const LABEL_TOPIC: &str = "topic";
 pub const LABEL_REASON: &str = "reason";
@@ -36,6 +40,7 @@ pub const LABEL_KIND: &str = "kind";
 pub const LABEL_VERSION: &str = "version";
 pub const LABEL_OPERATION: &str = "operation";
 pub const LABEL_STATUS: &str = "status";
+pub const LABEL_OUTCOME: &str = "outcome";
 
 /// The `kind` values of `outbox_relay_publish_errors_total` (see `sink::kafka::error_kind`).
 pub const PUBLISH_ERROR_KINDS: [&str; 6] = [
@@ -79,6 +84,10 @@ pub struct Metrics {
     pub halted: IntGauge,
     pub retention_deleted: IntCounter,
     pub reserved_headers_dropped: IntCounter,
+    /// Exactly once: Kafka transactions by outcome (committed, aborted).
+    pub transactions: IntCounterVec,
+    pub transaction_duration: Histogram,
+    pub transaction_records: Histogram,
 }
 
 impl Metrics {
@@ -185,6 +194,32 @@ impl Metrics {
         for status in WAL_STATUSES {
             slot_wal_status.with_label_values(&[status]);
         }
+        let transactions = counter_vec(
+            KAFKA_TRANSACTIONS_TOTAL,
+            "Exactly once: Kafka transactions, by outcome (committed, aborted).",
+            LABEL_OUTCOME,
+        );
+        for outcome in ["committed", "aborted"] {
+            transactions.with_label_values(&[outcome]);
+        }
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let transaction_duration = histogram(
+            KAFKA_TRANSACTION_DURATION_SECONDS,
+            "Exactly once: time from a Kafka transaction's first record to its commit.",
+            LATENCY_BUCKETS,
+        );
+        let transaction_records = histogram(
+            KAFKA_TRANSACTION_RECORDS,
+            "Exactly once: records per committed Kafka transaction (the progress record not counted).",
+            &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0],
+        );
         for kind in PUBLISH_ERROR_KINDS {
             publish_errors.with_label_values(&[kind]);
         }
@@ -236,6 +271,9 @@ impl Metrics {
             ),
             retention_deleted,
             reserved_headers_dropped,
+            transactions,
+            transaction_duration,
+            transaction_records,
             registry,
         }
     }
@@ -294,6 +332,9 @@ mod tests {
             HALTED,
             RETENTION_DELETED_EVENTS_TOTAL,
             RESERVED_HEADERS_DROPPED_TOTAL,
+            KAFKA_TRANSACTIONS_TOTAL,
+            KAFKA_TRANSACTION_DURATION_SECONDS,
+            KAFKA_TRANSACTION_RECORDS,
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

@@ -54,7 +54,8 @@ pub fn directive(error: &SessionError) -> Directive {
             | SinkError::Stopped(_)
             | SinkError::QueueFullAtShutdown
             | SinkError::LeadershipLost
-            | SinkError::BatchTooLarge { .. },
+            | SinkError::BatchTooLarge { .. }
+            | SinkError::Transaction { .. },
         ) => Directive::Retry,
     }
 }

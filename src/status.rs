@@ -124,6 +124,8 @@ struct Inner {
     replication_lag_bytes: Option<i64>,
     missing_topic: Option<String>,
     horizon_held_back: Option<String>,
+    delivery: Option<&'static str>,
+    progress: Option<String>,
 }
 
 /// The `/status` document.
@@ -142,6 +144,11 @@ pub struct StatusReport {
     /// Polling mode: a long-running transaction holds the commit horizon back, so committed
     /// events wait; says for how long and, where visible, which session.
     pub horizon_held_back: Option<String>,
+    /// `kafka.delivery`: "at-least-once" or "exactly-once".
+    pub delivery: &'static str,
+    /// Exactly once: the source position the last committed Kafka transaction recorded in
+    /// the progress topic.
+    pub recorded_progress: Option<String>,
     pub version: &'static str,
 }
 
@@ -208,6 +215,16 @@ impl RelayState {
         self.inner().missing_topic = problem;
     }
 
+    /// `kafka.delivery`, as configured.
+    pub fn set_delivery(&self, delivery: &'static str) {
+        self.inner().delivery = Some(delivery);
+    }
+
+    /// Exactly once: the position the last committed transaction recorded.
+    pub fn set_progress(&self, progress: Option<String>) {
+        self.inner().progress = progress;
+    }
+
     pub fn set_horizon_held_back(&self, problem: Option<String>) {
         self.inner().horizon_held_back = problem;
     }
@@ -265,6 +282,8 @@ impl RelayState {
             last_error: inner.last_error,
             waiting_for_topic: inner.missing_topic,
             horizon_held_back: inner.horizon_held_back,
+            delivery: inner.delivery.unwrap_or("at-least-once"),
+            recorded_progress: inner.progress,
             version: env!("CARGO_PKG_VERSION"),
         }
     }

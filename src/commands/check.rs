@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, Producer};
 
-use crate::config::{Config, SourceMode};
+use crate::config::{Config, Delivery, SourceMode};
 use crate::error::{error_chain, Definite};
 use crate::postgres::setup::{self, PollingSetup};
 use crate::postgres::{coverage, pool};
@@ -49,6 +50,7 @@ pub async fn check(cfg: &Config) -> bool {
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
+    let reachable = kafka.is_ok();
     match kafka {
         Ok(n) => println!("kafka: ok ({n} brokers at {brokers})"),
         Err(e) => fail(
@@ -57,8 +59,45 @@ pub async fn check(cfg: &Config) -> bool {
             "check kafka.brokers, the network, and the security settings in [kafka.properties]",
         ),
     }
+    if reachable && cfg.kafka.delivery == Delivery::ExactlyOnce {
+        match check_transactions(cfg).await {
+            Ok(()) => println!("kafka transactions: ok (kafka.delivery = \"exactly-once\")"),
+            Err(e) => fail(
+                "kafka transactions",
+                format!("the brokers at {brokers} do not support transactions for the relay: {e}"),
+                "use brokers with transactions (Apache Kafka with its transaction state log \
+                 available, and the relay allowed to write transactional ids \
+                 \"outbox-relay:*\"), or set kafka.delivery = \"at-least-once\"",
+            ),
+        }
+    }
     ok
 }
+
+/// Exactly once: starts a transactional producer under a throwaway transactional id (with
+/// the relay's prefix, so the same ACLs apply; never the relay's own, which would fence a
+/// running relay).
+async fn check_transactions(cfg: &Config) -> Result<(), String> {
+    let probe = format!(
+        "check-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let client = kafka::transactional_config(&cfg.kafka, &probe);
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let producer: BaseProducer = client.create().map_err(|e| e.to_string())?;
+        producer
+            .init_transactions(TRANSACTIONS_PROBE_TIMEOUT)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// How long `check` waits for the broker to start a transactional producer.
+const TRANSACTIONS_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn check_postgres(cfg: &Config) -> Result<Vec<String>, SourceError> {
     let pool = pool(cfg).map_err(|e| Definite::PostgresUrl {

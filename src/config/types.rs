@@ -52,6 +52,11 @@ pub const DEFAULT_CREATE_TOPICS: bool = true;
 /// Some consumer parallelism without spreading a small outbox thinly; per-aggregate order holds
 /// for any partition count because the key picks the partition.
 pub const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
+/// At least once plus the `id` header works with every broker and every consumer; exactly once
+/// needs transactions and `read_committed` consumers, so it is asked for.
+pub const DEFAULT_DELIVERY: Delivery = Delivery::AtLeastOnce;
+/// Named after the program, next to the event topics; compacted, one record per relay identity.
+pub const DEFAULT_PROGRESS_TOPIC: &str = "outbox-relay.progress";
 /// All interfaces so kubelet probes and Prometheus can reach it; the port is fixed by the SPEC so
 /// the Helm chart and dashboards agree on it.
 pub const DEFAULT_HTTP_LISTEN: SocketAddr =
@@ -125,6 +130,8 @@ topic = "outbox.event.{aggregate_type}"
 dead_letter_topic = "outbox.dead-letter"
 create_topics = true         # create missing topics through the admin API
 topic_partitions = 3         # for topics it creates
+delivery = "at-least-once"   # "at-least-once" | "exactly-once" (Kafka transactions)
+progress_topic = "outbox-relay.progress" # exactly-once: compacted, the relay's progress
 [kafka.properties]           # verbatim librdkafka settings
 "compression.type" = "lz4"
 
@@ -286,6 +293,27 @@ impl SourceConfig {
     }
 }
 
+/// What a consumer may see (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Every event at least once; duplicates carry the same `id` header.
+    #[default]
+    AtLeastOnce,
+    /// Kafka transactions: a `read_committed` consumer sees every event exactly once
+    /// (`docs/EXACTLY-ONCE.md`).
+    ExactlyOnce,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AtLeastOnce => "at-least-once",
+            Self::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
 section! {
     /// `[kafka]`
     #[derive(Clone, PartialEq, Deserialize)]
@@ -303,6 +331,11 @@ section! {
             min: 1,
             max: i32::MAX as i64,
         };
+        /// At least once, or exactly once through Kafka transactions.
+        delivery: Delivery = DEFAULT_DELIVERY, Kind::Choice(&["at-least-once", "exactly-once"]);
+        /// Exactly once: the compacted topic the relay records its progress in, in the same
+        /// transaction as the records that progress covers.
+        progress_topic: String = DEFAULT_PROGRESS_TOPIC.to_owned(), Kind::Str;
         /// `[kafka.properties]`: librdkafka settings, passed verbatim. Values may be written as
         /// TOML strings, numbers or booleans and are kept in their string form; dotted keys may
         /// be quoted (`"compression.type" = "lz4"`) or bare (`compression.type = "lz4"`). Empty
@@ -367,6 +400,8 @@ impl fmt::Debug for KafkaConfig {
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
+            .field("delivery", &self.delivery)
+            .field("progress_topic", &self.progress_topic)
             .field("properties", &self.redacted_properties())
             .finish()
     }

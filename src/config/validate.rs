@@ -3,7 +3,7 @@
 
 use super::error::invalid;
 use super::postgres::parse_postgres_url;
-use super::{Config, ConfigError, Required, SourceMode, MAX_BATCH_SIZE, OUTBOX_COLUMNS};
+use super::{Config, ConfigError, Delivery, Required, SourceMode, MAX_BATCH_SIZE, OUTBOX_COLUMNS};
 use crate::route::{topic_name_error, MAX_TOPIC_LEN};
 
 /// Postgres truncates identifiers longer than `NAMEDATALEN - 1` bytes.
@@ -116,6 +116,24 @@ impl Config {
                     "must be a Kafka topic name: 1 to {MAX_TOPIC_LEN} characters of [a-zA-Z0-9._-], not \".\" or \"..\""
                 ),
             ));
+        }
+        if topic_name_error(&kafka.progress_topic).is_some() {
+            return Err(invalid(
+                "kafka.progress_topic",
+                format!(
+                    "must be a Kafka topic name: 1 to {MAX_TOPIC_LEN} characters of [a-zA-Z0-9._-], not \".\" or \"..\""
+                ),
+            ));
+        }
+        if kafka.delivery == Delivery::ExactlyOnce {
+            for key in ["transactional.id", "enable.idempotence"] {
+                if kafka.properties.contains_key(key) {
+                    return Err(invalid(
+                        format!("kafka.properties.\"{key}\""),
+                        "must not be set with kafka.delivery = \"exactly-once\": the relay derives it",
+                    ));
+                }
+            }
         }
         if kafka.topic_partitions < 1 {
             return Err(invalid("kafka.topic_partitions", "must be at least 1"));
@@ -389,5 +407,27 @@ created_at = ""
         let mut config = Config::default();
         config.kafka.dead_letter_topic = "d".repeat(249);
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn exactly_once_is_asked_for_and_derives_its_producer_identity() {
+        assert_eq!(Config::default().kafka.delivery, Delivery::AtLeastOnce);
+        let config = load("", &[("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")]).unwrap();
+        assert_eq!(config.kafka.delivery, Delivery::ExactlyOnce);
+        assert_eq!(config.kafka.progress_topic, "outbox-relay.progress");
+        let err = load_err("", &[("OUTBOX_RELAY_KAFKA_DELIVERY", "twice")]);
+        assert!(err.contains("kafka.delivery"), "{err}");
+        for key in ["transactional.id", "enable.idempotence"] {
+            let err = validate_err(|c| {
+                c.kafka.delivery = Delivery::ExactlyOnce;
+                c.kafka.properties.insert(key.into(), "x".into());
+            });
+            assert!(err.contains(key) && err.contains("exactly-once"), "{err}");
+        }
+        let err = validate_err(|c| c.kafka.progress_topic = "a b".into());
+        assert!(
+            err.starts_with("kafka.progress_topic must be a Kafka topic name"),
+            "{err}"
+        );
     }
 }

@@ -8,12 +8,15 @@
 //! final position (drain-then-confirm). `run.rs` is the loop, `sink.rs` the sink contract and
 //! its Kafka implementation, `publisher.rs` what a source publishes into, `error.rs` why a
 //! session ends ([`SessionError`]: the source's fault or the sink's; sources never see the
-//! sink's, they pass the publisher's error on).
+//! sink's, they pass the publisher's error on), `exactly_once.rs` the start of an exactly-once
+//! session (the relay's identity, resuming after the progress recorded in Kafka; the sink
+//! then commits at source boundaries, see `docs/EXACTLY-ONCE.md`).
 //!
 //! Generic over both sides (no `dyn`): the hot path compiles to the same code as a source
 //! that called the Kafka sink itself.
 
 mod error;
+mod exactly_once;
 mod publisher;
 mod run;
 mod sink;
@@ -25,6 +28,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::Watermark;
+use crate::config::Delivery;
 use crate::sink::kafka::{KafkaSink, Shared};
 use crate::source::{Session, Source};
 use crate::status::RelayState;
@@ -42,12 +46,29 @@ pub async fn run_session<S: Source>(
     let mut source = S::prepare(session, shutdown).await?;
     let watermark = Arc::new(Watermark::new());
     let shared = Shared::new(Arc::clone(&watermark), session.metrics.clone());
-    let mut sink = KafkaSink::new(
-        &session.config.kafka,
-        shared,
-        Arc::clone(state),
-        shutdown.clone(),
-    )?;
+    let kafka = &session.config.kafka;
+    state.set_delivery(kafka.delivery.as_str());
+    let mut sink = match kafka.delivery {
+        Delivery::AtLeastOnce => {
+            KafkaSink::new(kafka, shared, Arc::clone(state), shutdown.clone())?
+        }
+        Delivery::ExactlyOnce => {
+            // Fences every older producer of this identity (a zombie leader's commit fails)
+            // and aborts its open transaction before the progress is read.
+            let identity = exactly_once::identity(session).await?;
+            let (sink, recorded) = KafkaSink::transactional(
+                kafka,
+                shared,
+                Arc::clone(state),
+                shutdown.clone(),
+                &identity,
+            )
+            .await?;
+            let start = exactly_once::resume(&mut source, recorded, &identity, &session.config)?;
+            watermark.lock().start_at(start);
+            sink
+        }
+    };
     if let Some(deposed) = source.deposed() {
         sink.stop_on(deposed);
     }

@@ -75,12 +75,12 @@ where
         self.router
     }
 
+    fn within(&mut self, key: P, events: u64) {
+        self.watermark.lock().within(key, events);
+    }
+
     fn idle_at(&mut self, position: P) {
-        let mut checkpoint = self.watermark.lock();
-        let mut to = checkpoint.take_confirmable();
-        if checkpoint.is_idle() {
-            to = to.max(Some(position));
-        }
+        let to = self.watermark.lock().idle_at(position);
         self.confirm_now = self.confirm_now.max(to);
     }
 }

@@ -83,6 +83,9 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                 }
                 // 4. Confirm what Kafka has acknowledged; surface delivery failures.
                 _ = tick.tick() => {
+                    if self.source.at_boundary() {
+                        self.sink.at_boundary(&self.router).await?;
+                    }
                     self.confirm().await?;
                     if let Some(failure) = self.sink.failure() {
                         return Err(SinkError::Delivery(failure).into());
@@ -97,7 +100,13 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                         self.on_invalid,
                     );
                     self.source.pump(input?, &mut out).await?;
-                    if let Some(idle) = out.confirm_now() {
+                    let idle = out.confirm_now();
+                    if self.source.at_boundary() {
+                        self.sink.at_boundary(&self.router).await?;
+                    } else {
+                        self.sink.within_transaction(&self.router).await?;
+                    }
+                    if let Some(idle) = idle {
                         self.source.confirm(Some(idle)).await?;
                     }
                 }
@@ -154,10 +163,12 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                 }
                 self.source.settle(&self.watermark).await;
                 self.sink.purge();
+                self.sink.abort().await;
                 self.source.abort();
             }
             Err(_) => {
                 self.sink.purge();
+                self.sink.abort().await;
                 self.source.abort();
             }
         }

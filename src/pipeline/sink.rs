@@ -46,6 +46,31 @@ pub trait Sink<P>: Send {
     /// Drops whatever the sink still holds (after a fault: it is resent from the confirmed
     /// position).
     fn purge(&self);
+
+    /// The source is at a boundary (no source transaction half sent): a transactional sink
+    /// may commit here.
+    fn at_boundary(
+        &mut self,
+        router: &Router,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = router;
+        async { Ok(()) }
+    }
+
+    /// The source is inside a transaction and said how far ([`crate::source::Publish::within`]):
+    /// a transactional sink whose transaction outgrew its bounds may commit here.
+    fn within_transaction(
+        &mut self,
+        router: &Router,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = router;
+        async { Ok(()) }
+    }
+
+    /// After a fault: a transactional sink aborts its open transaction.
+    fn abort(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 impl<P: Copy + Ord + Send + Sync + 'static> Sink<P> for KafkaSink<P> {
@@ -67,8 +92,23 @@ impl<P: Copy + Ord + Send + Sync + 'static> Sink<P> for KafkaSink<P> {
         self.shared().failure()
     }
 
+    /// Exactly once: commits what drained when the source is at a boundary; otherwise (a
+    /// halt inside a source transaction) aborts, so that nothing of that transaction commits,
+    /// and so when Kafka did not acknowledge everything by `deadline` (it is all resent).
     async fn drain(&mut self, router: &Router, deadline: Instant) -> Result<(), SinkError> {
-        self.drain_for_shutdown(router, deadline).await
+        self.drain_for_shutdown(router, deadline).await?;
+        if self.is_transactional() {
+            let unsettled = {
+                let checkpoint = self.shared().checkpoint();
+                checkpoint.has_open_unit() || checkpoint.inflight() > 0
+            };
+            if unsettled {
+                KafkaSink::abort(self).await;
+            } else {
+                self.commit(router).await?;
+            }
+        }
+        Ok(())
     }
 
     fn queue_depth(&self) -> i32 {
@@ -77,5 +117,17 @@ impl<P: Copy + Ord + Send + Sync + 'static> Sink<P> for KafkaSink<P> {
 
     fn purge(&self) {
         KafkaSink::purge(self)
+    }
+
+    async fn at_boundary(&mut self, router: &Router) -> Result<(), SinkError> {
+        KafkaSink::at_boundary(self, router).await
+    }
+
+    async fn within_transaction(&mut self, router: &Router) -> Result<(), SinkError> {
+        KafkaSink::within_transaction(self, router).await
+    }
+
+    async fn abort(&mut self) {
+        KafkaSink::abort(self).await
     }
 }

@@ -70,6 +70,12 @@ impl Source for FakeSource {
         unreachable!("the tests build the fake source themselves")
     }
 
+    fn start_position(&self) -> u64 {
+        0
+    }
+
+    fn skip_through(&mut self, _: u64, _: Option<(u64, u64)>) {}
+
     fn start(&mut self, _: &Session) {}
 
     fn lost(&self) -> CancellationToken {

@@ -21,7 +21,7 @@ use std::time::Instant;
 use pgwire_replication::PgWireError;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{UnitId, Watermark};
+use crate::checkpoint::{Progress, UnitId, Watermark};
 
 use crate::config::Config;
 use crate::error::Definite;
@@ -74,7 +74,7 @@ pub trait Report: Send + Sync {
 /// others run to completion.
 pub trait Source: Send + Sized {
     /// A place in the source's commit order: an LSN, a `(txid, seq)` cursor.
-    type Position: Copy + Ord + Send + Sync + 'static;
+    type Position: Copy + Ord + Send + Sync + 'static + Progress;
     /// What [`Source::next`] waits for and [`Source::pump`] reads.
     type Input: Send;
 
@@ -84,6 +84,15 @@ pub trait Source: Send + Sized {
         session: &Session,
         shutdown: &CancellationToken,
     ) -> impl Future<Output = Result<Self, SourceError>> + Send;
+
+    /// The position the source starts from: the one confirmed last.
+    fn start_position(&self) -> Self::Position;
+
+    /// Exactly once: everything at or before `recorded` is in Kafka already (the progress
+    /// the last committed Kafka transaction recorded): the source reads past it without
+    /// publishing it, in whole source transactions; with `partial = (key, n)`, also the first
+    /// `n` events of the transaction `key` (see [`Publish::within`]).
+    fn skip_through(&mut self, recorded: Self::Position, partial: Option<(Self::Position, u64)>);
 
     /// Leading from here on: starts the source's background watchers.
     fn start(&mut self, session: &Session);
@@ -169,6 +178,13 @@ pub trait Publish<P> {
 
     /// The router, for dead letters the source builds itself.
     fn router(&self) -> &Router;
+
+    /// Inside a transaction: its first `events` events (counted from its start, in stream
+    /// order, skipped ones included) are published; `key` names the transaction (logical:
+    /// its commit LSN). An exactly-once sink may commit here when its transaction grew too
+    /// large, recording both, so a resumed source skips those events by
+    /// [`Source::skip_through`]'s `partial`.
+    fn within(&mut self, key: P, events: u64);
 
     /// Everything up to `position` has been read and no transaction is open: when no unit is
     /// pending, `position` is confirmed at once (an idle outbox on a busy database must not

@@ -53,6 +53,17 @@ impl fmt::Display for Cursor {
     }
 }
 
+/// The cursor as `txid/seq`, as in `outbox.relay_state.position`.
+impl crate::checkpoint::Progress for Cursor {
+    fn to_progress(&self) -> String {
+        self.to_string()
+    }
+
+    fn from_progress(text: &str) -> Option<Self> {
+        Self::parse(text)
+    }
+}
+
 impl Cursor {
     /// Parses `txid/seq`, as stored in `outbox.relay_state.position`.
     pub fn parse(text: &str) -> Option<Self> {
@@ -227,6 +238,19 @@ impl Source for Polling {
             backlog_task: None,
             report: Arc::clone(&session.report),
         })
+    }
+
+    fn start_position(&self) -> Cursor {
+        self.confirmed
+    }
+
+    /// Reads on from `recorded`: rows at or before it are never read again. (The cursor is
+    /// row-precise and polling never reports [`Publish::within`], so there is no `partial`.)
+    fn skip_through(&mut self, recorded: Cursor, _partial: Option<(Cursor, u64)>) {
+        if recorded > self.read_from {
+            tracing::info!(from = %self.read_from, to = %recorded, "skipping rows already published exactly once");
+            self.read_from = recorded;
+        }
     }
 
     fn start(&mut self, session: &Session) {

@@ -11,7 +11,7 @@ use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc;
 
-use super::{error::*, lessons::*};
+use super::{error::*, lessons::*, transaction::PROGRESS_OPAQUE};
 use crate::checkpoint::{Checkpoint, UnitId, Watermark};
 use crate::error::Definite;
 use crate::metrics::Metrics;
@@ -137,6 +137,14 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        if opaque == PROGRESS_OPAQUE {
+            // The progress record acknowledges no unit; its failure fails the transaction.
+            if let Err((error, message)) = result {
+                self.shared
+                    .fail(format!("delivery to {} failed: {error}", message.topic()));
+            }
+            return;
+        }
         let unit = (opaque >> KIND_BITS) as UnitId;
         let kind = opaque & ((1 << KIND_BITS) - 1);
         let metrics = &self.shared.metrics;

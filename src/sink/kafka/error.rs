@@ -24,6 +24,13 @@ pub enum SinkError {
     LeadershipLost,
     #[error("topic {topic} refused a batch of records as too large; producer batches are now capped at {cap} bytes and the records are resent")]
     BatchTooLarge { topic: String, cap: usize },
+    /// Exactly once: a Kafka transaction failed (aborted, or this producer was fenced by a
+    /// relay that took over); the session restarts from the recorded progress.
+    #[error("kafka transaction failed while {context}: {error}")]
+    Transaction {
+        context: &'static str,
+        error: String,
+    },
     /// Only the operator can fix it (the dead-letter topic refused a record for good).
     #[error(transparent)]
     Definite(Definite),

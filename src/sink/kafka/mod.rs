@@ -27,15 +27,23 @@
 //! `delivery.rs` the delivery callback and the state it shares ([`Shared`]), `lessons.rs` what
 //! refusals taught and the delivery opaque's kind bits, `topics.rs` topic creation and
 //! waiting, `stall.rs` naming partitions short of in-sync replicas while records wait for
-//! them, `error.rs` [`SinkError`] and [`Refused`].
+//! them, `error.rs` [`SinkError`] and [`Refused`]; exactly once (`kafka.delivery`):
+//! `transaction.rs` the Kafka transactions that carry the relay's progress record,
+//! `progress.rs` the transactional start and the progress topic (`docs/EXACTLY-ONCE.md`).
 
 mod delivery;
 mod error;
 mod lessons;
 mod producer;
+mod progress;
 mod stall;
 mod topics;
+mod transaction;
 
 pub use delivery::{DeliveryContext, Shared};
 pub use error::{Refused, RefusedKind, SinkError};
 pub use producer::{admin_config, client_config, max_message_bytes, KafkaSink};
+pub use progress::{transactional_config, transactional_id, Recorded};
+pub use transaction::{
+    BUSY_RECORDS, FAILPOINT_ENV, IDLE_PROGRESS_EVERY, LINGER, MAX_AGE, MAX_LINGER, MAX_RECORDS,
+};

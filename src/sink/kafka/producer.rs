@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio::sync::mpsc;
 
 use super::stall::{watch, StallWatch, Watched};
-use super::{delivery::*, error::*, lessons::*};
+use super::{delivery::*, error::*, lessons::*, transaction::Transactions};
 use crate::checkpoint::UnitId;
 use crate::config::KafkaConfig;
 use crate::error::Definite;
@@ -42,6 +42,8 @@ pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
     /// Names partitions short of in-sync replicas while records wait for them; ends with the
     /// sink.
     _stall: Option<StallWatch>,
+    /// Exactly once: the open Kafka transaction and the progress it records.
+    pub(super) txn: Option<Transactions<P>>,
 }
 
 /// The librdkafka settings for the producer: our defaults, then `[kafka.properties]`
@@ -100,8 +102,18 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         state: Arc<RelayState>,
         shutdown: CancellationToken,
     ) -> Result<Self, SinkError> {
+        Self::with_client(cfg, client_config(cfg), shared, state, shutdown)
+    }
+
+    /// [`Self::new`] with the producer settings `client`.
+    pub(super) fn with_client(
+        cfg: &KafkaConfig,
+        client: ClientConfig,
+        shared: Arc<Shared<P>>,
+        state: Arc<RelayState>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = client_config(cfg);
         let batch_bytes = client
             .get("batch.size")
             .and_then(|v| v.parse().ok())
@@ -136,6 +148,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             shutdown,
             stop: CancellationToken::new(),
             _stall: stall,
+            txn: None,
         })
     }
 
@@ -219,10 +232,17 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         if let Some(ts) = record.timestamp_ms {
             base = base.timestamp(ts);
         }
+        if let Err(error) = self.begin_if_needed() {
+            self.shared.checkpoint().ack(unit);
+            return Err(error);
+        }
         let mut wait = QueueWait::default();
         loop {
             match self.producer.send(base) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.count_in_transaction();
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     base = back;
                     if let Err(error) = self.wait_for_room(&mut wait).await {

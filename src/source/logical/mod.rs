@@ -94,6 +94,14 @@ pub struct Logical {
     watchers: Vec<tokio::task::JoinHandle<()>>,
     metrics: Metrics,
     report: Arc<dyn Report>,
+    /// Exactly once: the progress recorded in Kafka. A transaction whose commit lies before it
+    /// (so it ends at or before it), and a message at or before it, is in Kafka already.
+    skip_through: u64,
+    /// Events read and not published because they are in Kafka already.
+    skipped: u64,
+    /// Exactly once: the transaction (by commit LSN) whose first events are in Kafka already,
+    /// and how many.
+    skip_partial: Option<(u64, u64)>,
 }
 
 impl Logical {
@@ -127,11 +135,23 @@ impl Logical {
                     commit_lsn: final_lsn.to_string(),
                     commit: final_lsn.as_u64(),
                     commit_ms,
+                    skip: final_lsn.as_u64() < self.skip_through,
+                    events: 0,
+                    skip_events: match self.skip_partial {
+                        Some((commit, n)) if commit == final_lsn.as_u64() => n,
+                        _ => 0,
+                    },
                 });
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 if let Some(tx) = self.open.take() {
                     out.seal(tx.unit, end_lsn.as_u64());
+                    // The last transaction in Kafka already, wholly or in part.
+                    let last =
+                        (tx.skip && end_lsn.as_u64() >= self.skip_through) || tx.skip_events > 0;
+                    if last && self.skipped > 0 {
+                        tracing::info!(events = self.skipped, through = %Lsn::from_u64(self.skip_through), "skipped events already published exactly once");
+                    }
                 }
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -148,12 +168,20 @@ impl Logical {
                     return Ok(());
                 }
                 if transactional {
-                    if let Some(tx) = &self.open {
+                    if let Some(tx) = &mut self.open {
+                        if !tx.next_event() {
+                            self.skipped += 1;
+                            return Ok(());
+                        }
                         let (unit, commit_lsn, commit_ms) =
                             (tx.unit, tx.commit_lsn.clone(), tx.commit_ms);
+                        let (commit, events) = (tx.commit, tx.events);
                         self.emitted(&content, unit, &commit_lsn, commit_ms, out)
                             .await?;
+                        out.within(commit, events);
                     }
+                } else if lsn.as_u64() <= self.skip_through {
+                    self.skipped += 1;
                 } else {
                     // Outside any transaction: a unit of its own at the message's LSN.
                     let now_ms = values::unix_ms_now();
@@ -200,12 +228,17 @@ impl Logical {
                 let Some(Some(columns)) = self.relations.get(&relation_id) else {
                     return Ok(());
                 };
-                let Some(tx) = &self.open else {
+                let Some(tx) = &mut self.open else {
                     return Ok(());
                 };
+                if !tx.next_event() {
+                    self.skipped += 1;
+                    return Ok(());
+                }
                 let event = row_event(columns, &new, &tx.commit_lsn, tx.commit_ms);
-                let unit = tx.unit;
+                let (unit, commit, events) = (tx.unit, tx.commit, tx.events);
                 out.publish(unit, event).await?;
+                out.within(commit, events);
             }
             Message::Update { relation_id, .. } => self.ignored(relation_id, "update"),
             Message::Delete { relation_id, .. } => self.ignored(relation_id, "delete"),
@@ -385,7 +418,19 @@ impl Source for Logical {
             watchers: Vec::new(),
             metrics: session.metrics.clone(),
             report: Arc::clone(&session.report),
+            skip_through: 0,
+            skipped: 0,
+            skip_partial: None,
         })
+    }
+
+    fn start_position(&self) -> u64 {
+        self.confirmed
+    }
+
+    fn skip_through(&mut self, recorded: u64, partial: Option<(u64, u64)>) {
+        self.skip_through = recorded;
+        self.skip_partial = partial;
     }
 
     fn start(&mut self, _session: &Session) {
@@ -536,6 +581,27 @@ mod tests {
         );
         assert_eq!(event.timestamp_ms, Some(1_714_564_800_500));
         assert_eq!(event.pg_lsn, Some("0/16B3748"));
+    }
+
+    #[test]
+    fn a_resumed_transaction_skips_its_first_events() {
+        let tx = |skip, skip_events| OpenTransaction {
+            unit: 0,
+            commit_lsn: "0/1".into(),
+            commit: 1,
+            commit_ms: 0,
+            skip,
+            events: 0,
+            skip_events,
+        };
+        let mut partial = tx(false, 2);
+        let published: Vec<bool> = (0..4).map(|_| partial.next_event()).collect();
+        assert_eq!(published, [false, false, true, true]);
+        assert_eq!(partial.events, 4);
+        let mut whole = tx(true, 0);
+        assert!(!whole.next_event());
+        let mut fresh = tx(false, 0);
+        assert!(fresh.next_event());
     }
 
     #[test]

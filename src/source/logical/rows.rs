@@ -68,6 +68,23 @@ pub(super) struct OpenTransaction {
     /// `commit_lsn` as a number.
     pub(super) commit: u64,
     pub(super) commit_ms: i64,
+    /// Exactly once: the transaction is in Kafka already (at or before the recorded
+    /// progress); its events are read and not published.
+    pub(super) skip: bool,
+    /// Outbox events read so far in this transaction (published or skipped).
+    pub(super) events: u64,
+    /// Exactly once: the first this many events of the transaction are in Kafka already.
+    pub(super) skip_events: u64,
+}
+
+impl OpenTransaction {
+    /// Counts the next event of the transaction; true when it is to be published, false when
+    /// it is in Kafka already.
+    pub(super) fn next_event(&mut self) -> bool {
+        let index = self.events;
+        self.events += 1;
+        !self.skip && index >= self.skip_events
+    }
 }
 
 /// The event carried by an outbox row. Walks the tuple once.
