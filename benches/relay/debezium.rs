@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use testkit::{free_port, java_bin, Proc};
+use testkit::{free_port, java_bin, maven_fetch, Proc};
 
 use crate::backlog::drop_slot;
 use crate::broker::Broker;
@@ -90,34 +90,17 @@ pub fn setup_debezium() -> std::result::Result<PathBuf, String> {
         DEBEZIUM_VERSION.trim_end_matches(".Final")
     ));
     let libs = home.join("libs");
-    if libs.is_dir() {
-        return Ok(libs);
+    if !libs.is_dir() {
+        eprintln!(
+            "[bench] fetching Debezium {DEBEZIUM_VERSION} and Kafka Connect {CONNECT_VERSION} (mvn)"
+        );
     }
-    fs::create_dir_all(&home).map_err(|e| format!("creating {}: {e}", home.display()))?;
-    let staging = home.join(format!("libs.staging-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
     let pom = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/debezium/pom.xml");
-    eprintln!(
-        "[bench] fetching Debezium {DEBEZIUM_VERSION} and Kafka Connect {CONNECT_VERSION} (mvn)"
-    );
-    let output = Command::new("mvn")
-        .args(["-q", "-B", "-f"])
-        .arg(&pom)
-        .arg("dependency:copy-dependencies")
-        .arg(format!("-DoutputDirectory={}", staging.display()))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running mvn (is Maven installed?): {e}"))?;
-    if !output.status.success() {
-        let _ = fs::remove_dir_all(&staging);
-        return Err(format!(
-            "mvn could not fetch Debezium {DEBEZIUM_VERSION} ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    fs::rename(&staging, &libs).map_err(|e| format!("moving the jars into place: {e}"))?;
+    maven_fetch(
+        &pom,
+        &libs,
+        &format!("Debezium {DEBEZIUM_VERSION} and Kafka Connect {CONNECT_VERSION}"),
+    )?;
     Ok(libs)
 }
 

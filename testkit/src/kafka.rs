@@ -593,26 +593,8 @@ pub fn kafka_libs() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(libs));
     }
     let libs = kafka_home().join("libs");
-    once(&libs, "fetching Kafka's jars", |staging| {
-        let pom = Path::new(env!("CARGO_MANIFEST_DIR")).join("kafka/pom.xml");
-        let output = Command::new("mvn")
-            .args(["-q", "-B", "-f"])
-            .arg(&pom)
-            .arg("dependency:copy-dependencies")
-            .arg(format!("-DoutputDirectory={}", staging.display()))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("running mvn (is Maven installed?): {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "mvn could not fetch Kafka {KAFKA_VERSION} ({}):\n{}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        Ok(())
-    })?;
+    let pom = Path::new(env!("CARGO_MANIFEST_DIR")).join("kafka/pom.xml");
+    maven_fetch(&pom, &libs, &format!("Kafka {KAFKA_VERSION}"))?;
     Ok(libs)
 }
 
@@ -651,6 +633,31 @@ fn dump_class_archive(archive: &Path) -> Result<(), String> {
     } else {
         Err(format!("the JVM wrote none\n{}", kafka.log_tail()))
     }
+}
+
+/// The jars `pom` depends on, copied into `libs` by Maven (`dependency:copy-dependencies`,
+/// cached in `~/.m2`) unless `libs` exists already; concurrent callers fetch once, the others
+/// wait. `what` names it in errors.
+pub fn maven_fetch(pom: &Path, libs: &Path, what: &str) -> Result<(), String> {
+    once(libs, &format!("fetching {what}"), |staging| {
+        let output = Command::new("mvn")
+            .args(["-q", "-B", "-f"])
+            .arg(pom)
+            .arg("dependency:copy-dependencies")
+            .arg(format!("-DoutputDirectory={}", staging.display()))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running mvn (is Maven installed?): {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mvn could not fetch {what} ({}):\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(())
+    })
 }
 
 /// A storage directory formatted once per version and node id (`kafka-storage format`), which

@@ -42,7 +42,7 @@ mod world;
 
 pub use consume::{consume, java_partition, murmur2, Record};
 pub use http::{http_get, metric, ready, scrape, status};
-pub use kafka::{java_bin, kafka_libs, Kafka, KafkaOptions, KAFKA_VERSION};
+pub use kafka::{java_bin, kafka_libs, maven_fetch, Kafka, KafkaOptions, KAFKA_VERSION};
 pub use process::Proc;
 pub use proxy::Proxy;
 pub use relay::{relay_bin, relay_cli, relay_config, Relay};
