@@ -84,6 +84,19 @@ impl Eos {
             .collect()
     }
 
+    /// A `read_committed` consumer sees every event in the outbox exactly once (waiting up to
+    /// `timeout`); `log` goes into the failure message.
+    fn assert_every_event_once(&self, timeout: Duration, log: &str) {
+        let expected = self.ids();
+        let counts = read_ids(
+            &self.kafka.brokers(),
+            "read_committed",
+            expected.len(),
+            timeout,
+        );
+        assert_exactly_once(&counts, &expected, log);
+    }
+
     fn slot_position(&self) -> String {
         self.psql(
             "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
@@ -189,14 +202,7 @@ fn every_event_reaches_a_read_committed_consumer_once_across_a_sigterm() {
     let eos = Eos::new();
     let (mut relay, port) = eos.relay(&[]);
     eos.write(0, 500, 10);
-    let expected = eos.ids();
-    let counts = read_ids(
-        &eos.kafka.brokers(),
-        "read_committed",
-        expected.len(),
-        Duration::from_secs(60),
-    );
-    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    eos.assert_every_event_once(Duration::from_secs(60), &relay.log_tail());
     let status = status(port);
     assert_eq!(status["delivery"], "exactly-once", "{status}");
     assert!(status["recorded_progress"].is_string(), "{status}");
@@ -225,14 +231,7 @@ fn every_event_reaches_a_read_committed_consumer_once_across_a_sigterm() {
     );
     let (relay, _) = eos.relay(&[]);
     eos.write(500, 300, 7);
-    let expected = eos.ids();
-    let counts = read_ids(
-        &eos.kafka.brokers(),
-        "read_committed",
-        expected.len(),
-        Duration::from_secs(60),
-    );
-    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    eos.assert_every_event_once(Duration::from_secs(60), &relay.log_tail());
 }
 
 /// A crash between producing a transaction's records and committing it: the records exist
@@ -279,14 +278,7 @@ fn a_crash_after_the_commit_skips_what_was_committed() {
         "the slot was not confirmed past the committed transaction"
     );
     let (relay, _) = eos.relay(&[]);
-    let expected = eos.ids();
-    let counts = read_ids(
-        &eos.kafka.brokers(),
-        "read_committed",
-        expected.len(),
-        Duration::from_secs(60),
-    );
-    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    eos.assert_every_event_once(Duration::from_secs(60), &relay.log_tail());
     assert!(
         relay
             .log()
@@ -488,14 +480,7 @@ fn postgres_and_broker_restarts_lose_and_duplicate_nothing() {
         wait_for_commits(port, 3.0, &relay);
         stop.store(true, Ordering::Relaxed);
     });
-    let expected = eos.ids();
-    let counts = read_ids(
-        &eos.kafka.brokers(),
-        "read_committed",
-        expected.len(),
-        Duration::from_secs(120),
-    );
-    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    eos.assert_every_event_once(Duration::from_secs(120), &relay.log_tail());
 }
 
 fn signal(relay: &Relay, sig: &str) {
@@ -758,14 +743,7 @@ fn a_large_source_transaction_is_split_and_resumed_inside() {
         relay.log_tail()
     );
     let (relay, _) = eos.relay(&[]);
-    let expected = eos.ids();
-    let counts = read_ids(
-        &eos.kafka.brokers(),
-        "read_committed",
-        expected.len(),
-        Duration::from_secs(300),
-    );
-    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    eos.assert_every_event_once(Duration::from_secs(300), &relay.log_tail());
     let log = relay.log();
     assert!(
         log.contains("resuming after the recorded progress") && log.contains(" events of "),
@@ -798,14 +776,7 @@ fn sigterm_with_the_broker_down_exits_and_loses_and_duplicates_nothing() {
     );
     eos.kafka.start_again();
     let (relay, _) = eos.relay(&[]);
-    let expected = eos.ids();
-    let counts = read_ids(
-        &eos.kafka.brokers(),
-        "read_committed",
-        expected.len(),
-        Duration::from_secs(120),
-    );
-    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    eos.assert_every_event_once(Duration::from_secs(120), &relay.log_tail());
 }
 
 /// Another relay's transaction open on a shared progress topic holds back what a
@@ -862,12 +833,5 @@ fn a_foreign_open_transaction_on_the_progress_topic_is_waited_for() {
     foreign
         .commit_transaction(Duration::from_secs(30))
         .expect("commit");
-    let expected = eos.ids();
-    let counts = read_ids(
-        &eos.kafka.brokers(),
-        "read_committed",
-        expected.len(),
-        Duration::from_secs(120),
-    );
-    assert_exactly_once(&counts, &expected, &relay.log_tail());
+    eos.assert_every_event_once(Duration::from_secs(120), &relay.log_tail());
 }
