@@ -121,15 +121,40 @@ async fn a_duplicate_is_skipped_without_running_the_handler() {
     assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 2);
 }
 
+/// A handler's own error type: Postgres errors, and a business rule that rejects the event.
+#[derive(Debug)]
+enum HandlerError {
+    Db(tokio_postgres::Error),
+    Rejected,
+}
+
+impl From<tokio_postgres::Error> for HandlerError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        HandlerError::Db(err)
+    }
+}
+
 #[tokio::test]
 async fn a_handler_error_rolls_back_the_inbox_row_so_the_retry_is_accepted() {
     let (_pg, mut client) = setup().await;
     let inbox = Inbox::new("billing");
     let runs = AtomicUsize::new(0);
+
+    // The handler wrote its effects and then refused: a clean transaction, rolled back all the same.
+    let rejected = inbox
+        .process(&mut client, &event(ID), async |tx| {
+            apply(tx, &runs, "half done").await?;
+            Err::<&str, _>(HandlerError::Rejected)
+        })
+        .await;
+    assert!(matches!(rejected, Err(HandlerError::Rejected)), "{rejected:?}");
+    assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 0);
+    assert_eq!(count(&client, "SELECT count(*) FROM effects").await, 0);
+
+    // A statement of the handler failed.
     let failed = inbox
         .process(&mut client, &event(ID), async |tx| {
             apply(tx, &runs, "half done").await?;
-            // A failure after some effects were written: they must go too.
             tx.execute("SELECT 1 / 0", &[]).await?;
             Ok::<_, tokio_postgres::Error>("unreachable")
         })
@@ -146,6 +171,7 @@ async fn a_handler_error_rolls_back_the_inbox_row_so_the_retry_is_accepted() {
         .await
         .expect("retry");
     assert_eq!(retried, Processed::Applied("done"));
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
     assert_eq!(count(&client, "SELECT count(*) FROM effects").await, 1);
     assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 1);
 }
