@@ -25,7 +25,10 @@ impl EventId {
                     return None;
                 }
                 let mut hex = [0u8; 32];
-                let digits = bytes.iter().enumerate().filter(|(i, _)| ![8, 13, 18, 23].contains(i));
+                let digits = bytes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| ![8, 13, 18, 23].contains(i));
                 for (slot, (_, &b)) in hex.iter_mut().zip(digits) {
                     *slot = b;
                 }
@@ -183,11 +186,14 @@ impl<'a> Event<'a> {
                 reason: find("dlq_reason").unwrap_or_else(|| "unknown".to_owned()),
                 error: find("dlq_error"),
                 topic: find("dlq_topic"),
-                id: id.flatten().map(|v| String::from_utf8_lossy(v).into_owned()),
+                id: id
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(v).into_owned()),
             }));
         }
         let id_text = text(id, ID)?;
-        let id = EventId::parse(id_text).ok_or_else(|| EventError::InvalidId(id_text.to_owned()))?;
+        let id =
+            EventId::parse(id_text).ok_or_else(|| EventError::InvalidId(id_text.to_owned()))?;
         Ok(Event {
             id,
             event_type: text(event_type, EVENT_TYPE)?,
@@ -269,7 +275,9 @@ mod tests {
 
     const ID_TEXT: &str = "6f1c2a0e-5b7d-4c3a-8e9f-0123456789ab";
 
-    fn headers(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, Option<&'static [u8]>)> {
+    fn headers(
+        extra: &[(&'static str, &'static str)],
+    ) -> Vec<(&'static str, Option<&'static [u8]>)> {
         let mut h: Vec<(&str, Option<&[u8]>)> = vec![
             ("id", Some(ID_TEXT.as_bytes())),
             ("event_type", Some(b"OrderPlaced")),
@@ -336,10 +344,16 @@ mod tests {
         };
         assert_eq!(dl.reason, "invalid_topic");
         assert_eq!(dl.topic.as_deref(), Some("outbox.event.a/b"));
-        assert_eq!(dl.error.as_deref(), Some("illegal topic name: contains '/'"));
+        assert_eq!(
+            dl.error.as_deref(),
+            Some("illegal topic name: contains '/'")
+        );
         assert_eq!(dl.id.as_deref(), Some(ID_TEXT));
         let text = err.to_string();
-        assert!(text.contains("dlq_reason=invalid_topic") && text.contains("not an event"), "{text}");
+        assert!(
+            text.contains("dlq_reason=invalid_topic") && text.contains("not an event"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -23,7 +23,6 @@
 //! # mod example {
 //! use outbox_inbox::{Event, Inbox};
 //! use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-//!
 //! async fn consume(mut db: tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
 //!     Inbox::install(&db).await?;
 //!     let inbox = Inbox::new("billing");
@@ -34,9 +33,8 @@
 //!     loop {
 //!         let message = consumer.recv().await?;
 //!         let event = Event::from_message(&message)?; // not an event: see Retries
-//!         let sql = "INSERT INTO invoices (order_id) VALUES ($1)";
 //!         inbox.process(&mut db, &event, async |tx| {
-//!             tx.execute(sql, &[&event.aggregate_id()]).await?;
+//!             tx.execute("INSERT INTO invoices VALUES ($1)", &[&event.aggregate_id()]).await?;
 //!             Ok::<_, tokio_postgres::Error>(())
 //!         }).await?; // Applied, or Duplicate (handler not run): either way done
 //!         consumer.commit_message(&message, CommitMode::Sync)?; // after the DB commit
@@ -82,9 +80,11 @@
 //! # Exactly-once mode
 //!
 //! With `kafka.delivery = "exactly-once"` on the relay, read with
-//! `isolation.level = read_committed` (the default of librdkafka and of the Java client):
-//! duplicates from the relay's side are gone, but a consumer's own crash before its offset
-//! commit still redelivers, so the inbox is still what makes the effects happen once.
+//! `isolation.level = read_committed` (librdkafka's default; the Java client's default is
+//! `read_uncommitted`, so set it there): the relay's own duplicates are gone. A consumer's own
+//! crash between its database commit and its offset commit still redelivers, so the inbox is
+//! still what makes the effects happen once. See `docs/CONSUMING.md` and
+//! `docs/EXACTLY-ONCE.md`.
 
 mod event;
 mod inbox;

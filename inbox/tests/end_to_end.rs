@@ -33,8 +33,17 @@ fn a_rust_consumer_applies_each_relayed_event_once_despite_a_redelivery() {
          SELECT outbox.publish('account', 'acc-0', 'AccountClosed', NULL);"
     ));
     let topic = "outbox.event.account";
-    let relayed = consume_n(&world, &[topic.to_owned()], EVENTS, Duration::from_secs(120));
-    assert_eq!(relayed.len(), EVENTS, "the relay published every event once");
+    let relayed = consume_n(
+        &world,
+        &[topic.to_owned()],
+        EVENTS,
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        relayed.len(),
+        EVENTS,
+        "the relay published every event once"
+    );
 
     // Redeliver one deposit of acc-1: the same record again, in its partition, after the rest.
     let again = relayed
@@ -44,7 +53,10 @@ fn a_rust_consumer_applies_each_relayed_event_once_despite_a_redelivery() {
     let duplicate_id = again.header("id").expect("an id");
     produce_again(&world.kafka.brokers(), again);
 
-    world.pg.create_database("billing").expect("consumer database");
+    world
+        .pg
+        .create_database("billing")
+        .expect("consumer database");
     let (applied, duplicates) = tokio::runtime::Runtime::new()
         .expect("runtime")
         .block_on(consume_into_billing(&world, topic, &duplicate_id));
@@ -73,7 +85,10 @@ fn a_rust_consumer_applies_each_relayed_event_once_despite_a_redelivery() {
     assert_eq!(balances, expected, "acc-0 closed, the others summed once");
     let recorded = world
         .pg
-        .psql("billing", "SELECT count(*) FROM inbox.received WHERE consumer = 'billing'")
+        .psql(
+            "billing",
+            "SELECT count(*) FROM inbox.received WHERE consumer = 'billing'",
+        )
         .expect("inbox rows");
     assert_eq!(recorded.trim(), EVENTS.to_string());
 }
@@ -85,12 +100,15 @@ fn produce_again(brokers: &str, record: &Record) {
         .set("broker.address.family", "v4")
         .create()
         .expect("producer");
-    let headers = record.headers.iter().fold(OwnedHeaders::new(), |hs, (k, v)| {
-        hs.insert(Header {
-            key: k,
-            value: v.as_deref(),
-        })
-    });
+    let headers = record
+        .headers
+        .iter()
+        .fold(OwnedHeaders::new(), |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: v.as_deref(),
+            })
+        });
     let mut copy = BaseRecord::<[u8], [u8]>::to(&record.topic)
         .partition(record.partition)
         .headers(headers);
@@ -138,7 +156,9 @@ async fn consume_into_billing(world: &World, topic: &str, duplicate_id: &str) ->
                 seen_duplicate_id += 1;
             }
             let account = event.aggregate_id().expect("a key").to_owned();
-            let payload = event.payload().map(|p| String::from_utf8_lossy(p).into_owned());
+            let payload = event
+                .payload()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
             let outcome = inbox
                 .process(&mut db, &event, async |tx| match &payload {
                     None => {

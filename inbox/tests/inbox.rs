@@ -118,7 +118,10 @@ async fn a_duplicate_is_skipped_without_running_the_handler() {
         .await
         .expect("processed");
     assert_eq!(other, Processed::Applied("done"));
-    assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 2);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM inbox.received").await,
+        2
+    );
 }
 
 /// A handler's own error type: Postgres errors, and a business rule that rejects the event.
@@ -147,8 +150,14 @@ async fn a_handler_error_rolls_back_the_inbox_row_so_the_retry_is_accepted() {
             Err::<&str, _>(HandlerError::Rejected)
         })
         .await;
-    assert!(matches!(rejected, Err(HandlerError::Rejected)), "{rejected:?}");
-    assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 0);
+    assert!(
+        matches!(rejected, Err(HandlerError::Rejected)),
+        "{rejected:?}"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM inbox.received").await,
+        0
+    );
     assert_eq!(count(&client, "SELECT count(*) FROM effects").await, 0);
 
     // A statement of the handler failed.
@@ -160,8 +169,14 @@ async fn a_handler_error_rolls_back_the_inbox_row_so_the_retry_is_accepted() {
         })
         .await;
     let err = failed.expect_err("the handler failed");
-    assert!(!is_transient(&err), "division by zero is not transient: {err}");
-    assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 0);
+    assert!(
+        !is_transient(&err),
+        "division by zero is not transient: {err}"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM inbox.received").await,
+        0
+    );
     assert_eq!(count(&client, "SELECT count(*) FROM effects").await, 0);
 
     let retried = inbox
@@ -173,7 +188,10 @@ async fn a_handler_error_rolls_back_the_inbox_row_so_the_retry_is_accepted() {
     assert_eq!(retried, Processed::Applied("done"));
     assert_eq!(runs.load(Ordering::SeqCst), 3);
     assert_eq!(count(&client, "SELECT count(*) FROM effects").await, 1);
-    assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 1);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM inbox.received").await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -194,10 +212,16 @@ async fn inside_a_callers_transaction_it_is_a_savepoint() {
         })
         .await
         .unwrap();
-    assert_eq!((first, second), (Processed::Applied("done"), Processed::Duplicate));
+    assert_eq!(
+        (first, second),
+        (Processed::Applied("done"), Processed::Duplicate)
+    );
     // Nothing is durable until the caller commits: rolling back the outer transaction forgets it.
     outer.rollback().await.unwrap();
-    assert_eq!(count(&client, "SELECT count(*) FROM inbox.received").await, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM inbox.received").await,
+        0
+    );
     let after = inbox
         .process(&mut client, &event(ID), async |tx| {
             apply(tx, &runs, "c").await
@@ -239,9 +263,7 @@ async fn concurrent_duplicate(first_commits: bool) -> (Processed<&'static str>, 
     let b_runs = runs.clone();
     let second = tokio::spawn(async move {
         Inbox::new("billing")
-            .process(&mut b, &event(ID), async |tx| {
-                apply(tx, &b_runs, "b").await
-            })
+            .process(&mut b, &event(ID), async |tx| apply(tx, &b_runs, "b").await)
             .await
     });
     // B is blocked on A's inbox row before A may finish.
@@ -366,5 +388,8 @@ async fn a_lost_connection_is_transient() {
         .await
         .expect_err("the connection was cut");
     assert!(is_transient(&err), "{err:?}");
-    assert_eq!(count(&killer, "SELECT count(*) FROM inbox.received").await, 0);
+    assert_eq!(
+        count(&killer, "SELECT count(*) FROM inbox.received").await,
+        0
+    );
 }
