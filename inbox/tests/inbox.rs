@@ -165,10 +165,12 @@ async fn a_handler_error_rolls_back_the_inbox_row_so_the_retry_is_accepted() {
         .process(&mut client, &event(ID), async |tx| {
             apply(tx, &runs, "half done").await?;
             tx.execute("SELECT 1 / 0", &[]).await?;
-            Ok::<_, tokio_postgres::Error>("unreachable")
+            Ok::<_, HandlerError>("unreachable")
         })
         .await;
-    let err = failed.expect_err("the handler failed");
+    let Err(HandlerError::Db(err)) = failed else {
+        panic!("expected the statement's error, got {failed:?}");
+    };
     assert!(
         !is_transient(&err),
         "division by zero is not transient: {err}"
