@@ -141,16 +141,18 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
     match err.code() {
         Some(code) => {
             let code = code.code();
-            // Class 08: connection exception; 53: insufficient resources; 57P0x: shutting
-            // down or not yet accepting connections.
+            // Class 08: connection exception; 53: insufficient resources.
             code.starts_with("08")
                 || code.starts_with("53")
-                || code.starts_with("57P0")
                 || [
                     SqlState::T_R_SERIALIZATION_FAILURE.code(),
                     SqlState::T_R_DEADLOCK_DETECTED.code(),
                     SqlState::LOCK_NOT_AVAILABLE.code(),
                     SqlState::READ_ONLY_SQL_TRANSACTION.code(),
+                    SqlState::ADMIN_SHUTDOWN.code(),
+                    SqlState::CRASH_SHUTDOWN.code(),
+                    SqlState::CANNOT_CONNECT_NOW.code(),
+                    SqlState::IDLE_SESSION_TIMEOUT.code(),
                 ]
                 .contains(&code)
         }

@@ -151,7 +151,7 @@ async fn consume_into_billing(world: &World, topic: &str, duplicate_id: &str) ->
     let read_all = async {
         while applied + duplicates < EVENTS + 1 {
             let message = consumer.recv().await.expect("a record");
-            let event = Event::from_message(&message).expect("an outbox event");
+            let event = Event::try_from(&message).expect("an outbox event");
             if event.id().to_string() == duplicate_id {
                 seen_duplicate_id += 1;
             }
