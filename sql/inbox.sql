@@ -12,8 +12,12 @@
 --
 -- If the transaction rolls back the inbox row rolls back with it, so the retry is accepted.
 -- `consumer` names the consuming service (or consumer group), so several services can share one
--- inbox. Rows only need to be kept longer than the longest possible redelivery window, e.g.
---     DELETE FROM inbox.received WHERE received_at < now() - interval '7 days';
+-- inbox. Rows only need to be kept longer than the longest possible redelivery window, which the
+-- topic's `retention.ms` bounds (Kafka's default: 7 days), e.g. daily:
+--     DELETE FROM inbox.received WHERE consumer = 'billing' AND received_at < now() - interval '8 days';
+--
+-- docs/CONSUMING.md is the consumer's guide; the Rust crate `outbox-inbox` (inbox/) runs this file
+-- and wraps the transaction above.
 --
 -- Idempotent: safe to apply again.
 

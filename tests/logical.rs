@@ -285,4 +285,14 @@ fn demo_runs_end_to_end() {
     assert!(out.status.success(), "demo exits 0: {text}");
     assert!(text.contains("300 distinct ids"), "{text}");
     assert!(text.contains("in commit order"), "{text}");
+    // After the counts, how to consume: the topic, the broker, a client hint and the docs.
+    let hint = text.find("consume them").expect("a how-to-consume block");
+    assert!(
+        hint > text.find("published").unwrap(),
+        "after the counts: {text}"
+    );
+    let hint = &text[hint..];
+    assert!(hint.contains("outbox.event.order"), "{hint}");
+    assert!(hint.contains("kcat -b 127.0.0.1:"), "{hint}");
+    assert!(hint.contains("docs/CONSUMING.md"), "{hint}");
 }

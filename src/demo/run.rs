@@ -21,6 +21,8 @@ use crate::metrics::Metrics;
 /// Aggregates the sample writer spreads its orders over.
 const ORDERS: u64 = 20;
 const EVENT_TYPES: [&str; 3] = ["OrderPlaced", "OrderPaid", "OrderShipped"];
+/// Where the order events go.
+const DEMO_TOPIC: &str = "outbox.event.order";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -56,7 +58,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         .map_err(DemoError::Postgres)?;
     let mock = MockCluster::new(1).map_err(DemoError::Kafka)?;
     // The mock cluster has no admin API for topics: create them here.
-    for (topic, partitions) in [("outbox.event.order", 3), ("outbox.dead-letter", 1)] {
+    for (topic, partitions) in [(DEMO_TOPIC, 3), ("outbox.dead-letter", 1)] {
         mock.create_topic(topic, partitions, 1)
             .map_err(DemoError::Kafka)?;
     }
@@ -76,7 +78,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     )
     .map_err(DemoError::Config)?;
     crate::commands::init(&config).await?;
-    println!("topic:     outbox.event.order (3 partitions), key = order id, header id = event id");
+    println!("topic:     {DEMO_TOPIC} (3 partitions), key = order id, header id = event id");
 
     let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
@@ -99,6 +101,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let target = args.events;
+    let mut shown_how_to_consume = false;
     loop {
         tokio::select! {
             _ = &mut ctrl_c => break,
@@ -113,6 +116,10 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             metrics.inflight_events.get(),
             p99.map_or("-".to_owned(), |s| format!("<= {:.0} ms", s * 1000.0)),
         );
+        if published > 0 && !shown_how_to_consume {
+            print_how_to_consume(&brokers);
+            shown_how_to_consume = true;
+        }
         if target.is_some_and(|n| published >= n) {
             break;
         }
@@ -156,10 +163,20 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// Once events flow: where to read them while the demo runs, and where the consumer's side of
+/// the contract is written down.
+fn print_how_to_consume(brokers: &str) {
+    println!(
+        "\nconsume them while the demo runs (topic {DEMO_TOPIC}, broker {brokers}):\n  \
+         kcat -b {brokers} -C -t {DEMO_TOPIC} -f 'key=%k headers=%h value=%s\\n'\n  \
+         or any Kafka client; dedup on header id with an inbox: see docs/CONSUMING.md"
+    );
+}
+
 fn published(metrics: &Metrics) -> u64 {
     metrics
         .events_published
-        .with_label_values(&["outbox.event.order"])
+        .with_label_values(&[DEMO_TOPIC])
         .get()
 }
 
@@ -236,7 +253,7 @@ fn read_back(brokers: &str, expected: u64) -> (u64, u64, bool) {
         Ok(c) => c,
         Err(_) => return (0, 0, false),
     };
-    let topic = "outbox.event.order";
+    let topic = DEMO_TOPIC;
     let partitions = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(5))
         .ok()
