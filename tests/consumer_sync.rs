@@ -151,7 +151,12 @@ fn random_writes(rng: &mut Rng, apps: &[&Flashcards], n: usize, tag: &str, spare
             edit(app, "PUT", &id, &format!("{tag}-{i} updated"));
             if roll >= 65 && apps.len() == 2 {
                 // The same card on the other side before it can have seen this edit.
-                edit(apps[1 - which], "PUT", &id, &format!("{tag}-{i} concurrent"));
+                edit(
+                    apps[1 - which],
+                    "PUT",
+                    &id,
+                    &format!("{tag}-{i} concurrent"),
+                );
             }
         } else {
             let id = ids[rng.below(ids.len())].clone();
@@ -292,7 +297,13 @@ fn two_instances_converge_through_outbox_relay_and_their_inboxes() {
     // which reaches B only later and must not bring the card back.
     edit(&sides[a].app, "PUT", &y, "y from a");
     edit(&sides[b].app, "DELETE", &y, "");
-    random_writes(&mut rng, &[&sides[a].app, &sides[b].app], 40, "p2", &[&x, &y]);
+    random_writes(
+        &mut rng,
+        &[&sides[a].app, &sides[b].app],
+        40,
+        "p2",
+        &[&x, &y],
+    );
     sides[a].start_relay(&pg);
 
     // Phase 3: instance B crashes while it has applied events it never committed offsets for.
@@ -311,7 +322,13 @@ fn two_instances_converge_through_outbox_relay_and_their_inboxes() {
     );
 
     // Phase 4: both up again.
-    random_writes(&mut rng, &[&sides[a].app, &sides[b].app], 60, "p4", &[&x, &y]);
+    random_writes(
+        &mut rng,
+        &[&sides[a].app, &sides[b].app],
+        60,
+        "p4",
+        &[&x, &y],
+    );
 
     // Converged: the same rows (tombstones and versions included) on both sides, and each inbox
     // holds exactly the other side's published events.

@@ -20,7 +20,7 @@ use crate::{free_port, java_bin, ThrowawayPostgres, LOG_TAIL_LINES, POLL};
 /// How long an instance may take to answer HTTP: a Spring Boot JVM on a busy 2-core machine.
 const START_DEADLINE: Duration = Duration::from_secs(120);
 
-/// How long building the jar may take (a cold `~/.m2` fetches Spring: about a minute).
+/// How long building the jar may take (a cold `~/.m2` fetches Spring Boot: about a minute).
 const BUILD_DEADLINE: Duration = Duration::from_secs(900);
 
 /// The example's Maven project.
@@ -273,7 +273,12 @@ impl Flashcards {
     }
 
     /// An HTTP request to the instance: (status code, body), or the connection error.
-    pub fn request(&self, method: &str, path: &str, json: Option<&str>) -> io::Result<(u16, String)> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        json: Option<&str>,
+    ) -> io::Result<(u16, String)> {
         http_request(self.port, method, path, json)
     }
 
