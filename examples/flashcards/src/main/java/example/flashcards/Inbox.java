@@ -25,10 +25,9 @@ import org.springframework.transaction.support.TransactionTemplate;
  * <pre>{@code
  * Inbox inbox = new Inbox(jdbcTemplate, transactionManager, "billing");
  *
- * @KafkaListener(topics = "outbox.event.order")
- * void onOrder(ConsumerRecord<String, String> record) {
- *     inbox.process(record, () -> jdbcTemplate.update("...", record.value()));
- * }   // the container commits the offset after this returns, so after the transaction
+ * // in the Kafka listener method, for each ConsumerRecord<String, String> record:
+ * inbox.process(record, () -> jdbcTemplate.update("...", record.value()));
+ * // the container commits the offset after the method returns, so after the transaction
  * }</pre>
  *
  * <p>Commit the Kafka offset only after {@code process} returned (Spring Kafka's default
