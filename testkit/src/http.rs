@@ -49,7 +49,7 @@ pub fn http_get(port: u16, path: &str) -> io::Result<(u16, String)> {
     parse_http_response(&raw)
 }
 
-fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String)> {
+pub(crate) fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String)> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let split = raw
         .windows(4)

@@ -15,6 +15,8 @@
 //! - [`consume`]: read records back with a fresh consumer, until a condition or a timeout;
 //! - [`java_partition`]: the partition a Java client's default partitioner picks for a key;
 //! - [`Proxy`]: a TCP proxy a test can cut; [`World`]: Postgres with the schema plus a broker;
+//! - [`Flashcards`]: an instance of the Java example `examples/flashcards` ([`flashcards_jar`]
+//!   builds its jar with Maven when missing or stale);
 //! - [`Proc`]: any other child process, killed with the test (or benchmark) even when that dies
 //!   without unwinding;
 //! - [`wait_until`]: the only way tests wait (poll a condition, never a bare sleep).
@@ -32,6 +34,7 @@ pub use outbox_relay::demo::install::server_os_user;
 pub use outbox_relay::demo::postgres::{free_port, PostgresOptions, ThrowawayPostgres};
 
 mod consume;
+mod example;
 mod http;
 mod kafka;
 mod process;
@@ -41,6 +44,7 @@ mod tansu;
 mod world;
 
 pub use consume::{consume, java_partition, murmur2, Record};
+pub use example::{flashcards_dir, flashcards_jar, http_request, jdbc_url, Flashcards};
 pub use http::{http_get, metric, ready, scrape, status};
 pub use kafka::{java_bin, kafka_libs, maven_fetch, Kafka, KafkaOptions, KAFKA_VERSION};
 pub use process::Proc;
