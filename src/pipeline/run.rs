@@ -111,7 +111,8 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                 input = self.source.next() => {
                     self.handle(input).await?;
                     for _ in 1..READY_RUN {
-                        if (stopping && self.source.at_boundary()) || lost_token.is_cancelled() {
+                        // A lost source is seen by the select at the latest after the run.
+                        if stopping && self.source.at_boundary() {
                             break;
                         }
                         match ready(self.source.next()) {
