@@ -297,7 +297,13 @@ pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor
     if producer.context().failed.load(Ordering::Relaxed) > 0 {
         bail!("records failed");
     }
-    let all = std::mem::take(&mut *producer.context().micros.lock().unwrap_or_else(|p| p.into_inner()));
+    let all = std::mem::take(
+        &mut *producer
+            .context()
+            .micros
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
     // Reports come in send order per partition, nearly in send order overall: the warm-up's
     // are the first `warm` of them.
     let mut measured: Vec<f64> = all[(warm as usize).min(all.len())..]
