@@ -26,6 +26,8 @@
 //! 4. **latency**: commit to Kafka ack at a steady paced rate (5,000 and 20,000 events/s), one
 //!    event per transaction, from the relay's own histogram (bucket-interpolated like
 //!    Prometheus' `histogram_quantile`) and from the broker's `LogAppendTime` of each record;
+//!    beside it two floors: a null consumer's commit-to-decoded time and a plain producer's
+//!    produce-to-ack time at the same rate (the broker latency floor);
 //! 5. a **peer script**: `pg_recvlogical` with wal2json piped into a minimal Python producer on
 //!    PyPI's `confluent-kafka`, what a user would script instead;
 //! 6. **Debezium**: Kafka Connect standalone with Debezium's PostgreSQL connector and its
