@@ -19,7 +19,7 @@ use rdkafka::util::Timeout;
 use testkit::{Kafka, KafkaOptions, Tansu};
 
 use crate::procfs::{own_cpu_secs, unix_ms};
-use crate::report::Rate;
+use crate::report::{Floor, Rate};
 use crate::{event_fields, PARTITIONS, TOPIC};
 
 /// A broker the bench measures against: where clients connect, and its process (whose CPU
@@ -183,5 +183,143 @@ pub fn broker_ceiling(broker: &dyn Broker, n: u64) -> Result<Rate> {
         events: n,
         secs,
         cpu_secs: own_cpu_secs() - cpu0,
+    })
+}
+
+/// The broker latency floor's topic, beside the relay's on the same broker.
+const FLOOR_TOPIC: &str = "bench.latency.floor";
+
+/// Keeps each delivery report's produce-to-ack time (µs; the opaque is the send time).
+pub struct TimingContext {
+    pub micros: std::sync::Mutex<Vec<u64>>,
+    pub failed: AtomicU64,
+}
+
+impl ClientContext for TimingContext {}
+
+impl ProducerContext for TimingContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent_us: usize) {
+        match result {
+            Ok(_) => {
+                let now = crate::procfs::unix_micros() as u64;
+                self.micros
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(now.saturating_sub(sent_us as u64));
+            }
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The broker latency floor: a plain producer with the relay's settings sending one record
+/// of the relay's shape at a time at `rate` records/s for [`crate::WARM_UP_SECS`] + `secs`,
+/// produce call to delivery report of each record after the warm-up (exact, not bucketed).
+/// No Postgres: what linger and the broker's round trip alone cost.
+pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor> {
+    kafka
+        .try_create_topic_with(FLOOR_TOPIC, PARTITIONS, &[])
+        .map_err(|e| anyhow!(e))?;
+    let broker: &dyn Broker = kafka;
+    let kafka = KafkaConfig {
+        brokers: broker.brokers(),
+        ..KafkaConfig::default()
+    };
+    let producer: ThreadedProducer<TimingContext> = client_config(&kafka)
+        .create_with_context(TimingContext {
+            micros: std::sync::Mutex::new(Vec::with_capacity(
+                (rate * (secs + crate::WARM_UP_SECS)) as usize,
+            )),
+            failed: AtomicU64::new(0),
+        })
+        .context("creating the producer")?;
+    let warm = rate * crate::WARM_UP_SECS;
+    let n = warm + rate * secs;
+    let (mut key, mut value, mut trace) = (String::new(), String::new(), String::new());
+    let start = Instant::now();
+    for g in 0..n {
+        let due = start + Duration::from_nanos(g * 1_000_000_000 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        key.clear();
+        value.clear();
+        trace.clear();
+        event_fields(g, &mut key, &mut value, &mut trace);
+        let id = format!("{g:036}");
+        let headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header {
+                key: "id",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some("OrderPlaced"),
+            })
+            .insert(Header {
+                key: "aggregate_type",
+                value: Some("order"),
+            })
+            .insert(Header {
+                key: "pg_lsn",
+                value: Some("0/1A2B3C48"),
+            })
+            .insert(Header {
+                key: "trace_id",
+                value: Some(trace.as_str()),
+            });
+        let sent = crate::procfs::unix_micros() as usize;
+        let record = BaseRecord::with_opaque_to(FLOOR_TOPIC, sent)
+            .key(key.as_str())
+            .payload(value.as_str())
+            .headers(headers)
+            .timestamp(unix_ms());
+        if let Err((e, _)) = producer.send(record) {
+            bail!("produce: {e}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = producer.context().micros.lock().map_or(0, |m| m.len()) as u64
+            + producer.context().failed.load(Ordering::Relaxed);
+        if done >= n {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("only {done} of {n} records acknowledged");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if producer.context().failed.load(Ordering::Relaxed) > 0 {
+        bail!("records failed");
+    }
+    let all = std::mem::take(
+        &mut *producer
+            .context()
+            .micros
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    // Reports come in send order per partition, nearly in send order overall: the warm-up's
+    // are the first `warm` of them.
+    let mut measured: Vec<f64> = all[(warm as usize).min(all.len())..]
+        .iter()
+        .map(|&us| us as f64 / 1e3)
+        .collect();
+    measured.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        measured
+            .get(((measured.len() as f64 * q) as usize).min(measured.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Floor {
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: measured.last().copied().unwrap_or(f64::NAN),
     })
 }

@@ -226,6 +226,7 @@ pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> 
         cpu_us_per_event: cpu * 1e6 / count as f64,
         peak_rss_kb,
         floor: None,
+        broker_floor: None,
         appended: Some(appended),
     })
 }
@@ -261,16 +262,21 @@ pub fn writer_connections(rate: u64) -> u64 {
     WRITER_CONNECTIONS.max(rate / 2_500)
 }
 
+/// Autocommit INSERTs one writer connection may have sent and not yet seen return: it does
+/// not wait a round trip (and the commit's WAL write) before sending the next due event, so
+/// one connection holds thousands of one-event transactions per second.
+const WRITER_PIPELINE: usize = 32;
+
 /// `count` events at `rate` per second, one per transaction, spread round-robin over
-/// [`writer_connections`] connections; event `e` is due at `start + e / rate` (a late
-/// connection catches up).
+/// [`writer_connections`] connections, each pipelining up to [`WRITER_PIPELINE`] INSERTs;
+/// event `e` is due at `start + e / rate` (a late connection catches up).
 pub async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Result<WriterStats> {
     let connections = writer_connections(rate);
     let mut clients = Vec::new();
     for _ in 0..connections {
         let client = connect(&url).await?;
         let stmt = client.prepare(INSERT_ONE).await?;
-        clients.push((client, stmt));
+        clients.push((std::sync::Arc::new(client), stmt));
     }
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let mut tasks = Vec::new();
@@ -279,20 +285,40 @@ pub async fn paced_write(url: String, rate: u64, count: u64, first: u64) -> Resu
             let mut commits = Vec::with_capacity((count / connections + 1) as usize);
             let mut returned = Vec::with_capacity((count / connections + 1) as usize);
             let mut max_late = Duration::ZERO;
+            let mut pending = tokio::task::JoinSet::new();
+            let mut done = |r: Result<Result<(u64, Duration, i64), tokio_postgres::Error>, _>| {
+                let (e, took, at) = r.context("an INSERT task panicked")??;
+                commits.push(took);
+                returned.push((e, at));
+                Ok::<_, anyhow::Error>(())
+            };
             let mut e = k as u64;
             while e < count {
                 let due = start + Duration::from_nanos(e * 1_000_000_000 / rate);
                 tokio::time::sleep_until(due).await;
+                while pending.len() >= WRITER_PIPELINE {
+                    if let Some(r) = pending.join_next().await {
+                        done(r)?;
+                    }
+                }
+                while let Some(r) = pending.try_join_next() {
+                    done(r)?;
+                }
                 let g = first + e;
                 let (mut key, mut value, mut trace) = (String::new(), String::new(), String::new());
                 event_fields(g, &mut key, &mut value, &mut trace);
                 let headers = format!(r#"{{"trace_id": "{trace}"}}"#);
                 let sent = tokio::time::Instant::now();
                 max_late = max_late.max(sent - due);
-                client.execute(&stmt, &[&key, &value, &headers]).await?;
-                commits.push(sent.elapsed());
-                returned.push((e, unix_micros()));
+                let (client, stmt) = (std::sync::Arc::clone(&client), stmt.clone());
+                pending.spawn(async move {
+                    client.execute(&stmt, &[&key, &value, &headers]).await?;
+                    Ok((e, sent.elapsed(), unix_micros()))
+                });
                 e += connections;
+            }
+            while let Some(r) = pending.join_next().await {
+                done(r)?;
             }
             Ok::<_, anyhow::Error>((commits, max_late, returned))
         }));

@@ -26,6 +26,8 @@
 //! 4. **latency**: commit to Kafka ack at a steady paced rate (5,000 and 20,000 events/s), one
 //!    event per transaction, from the relay's own histogram (bucket-interpolated like
 //!    Prometheus' `histogram_quantile`) and from the broker's `LogAppendTime` of each record;
+//!    beside it two floors: a null consumer's commit-to-decoded time and a plain producer's
+//!    produce-to-ack time at the same rate (the broker latency floor);
 //! 5. a **peer script**: `pg_recvlogical` with wal2json piped into a minimal Python producer on
 //!    PyPI's `confluent-kafka`, what a user would script instead;
 //! 6. **Debezium**: Kafka Connect standalone with Debezium's PostgreSQL connector and its
@@ -72,7 +74,7 @@ use testkit::{try_tansu_bin, PostgresOptions, ThrowawayPostgres};
 use tokio::runtime::Runtime;
 
 use backlog::{connect, drain_relay, write_backlog, Slots};
-use broker::{broker_ceiling, start_kafka, start_kafka_with, start_tansu};
+use broker::{broker_ceiling, broker_latency_floor, start_kafka, start_kafka_with, start_tansu};
 use debezium::{debezium_latency, drain_debezium, setup_debezium, DEBEZIUM_PUBLICATION};
 use decode::{null_consume_on_own_thread, recvlogical_ceiling};
 use latency::{latency_floor, latency_run};
@@ -486,8 +488,14 @@ fn run(opts: &Opts) -> Result<()> {
             floor.p50_ms, floor.p99_ms, floor.max_ms
         );
         let kafka = start_kafka_with(&append_time)?;
+        let broker_floor = broker_latency_floor(&kafka, rate, opts.latency_secs)?;
+        eprintln!(
+            "[bench]   plain producer: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            broker_floor.p50_ms, broker_floor.p99_ms, broker_floor.max_ms
+        );
         let run = Latency {
             floor: Some(floor),
+            broker_floor: Some(broker_floor),
             ..latency_run(&env, &kafka, rate, opts.latency_secs)?
         };
         drop(kafka);

@@ -86,6 +86,9 @@ pub struct Latency {
     pub peak_rss_kb: u64,
     /// The null consumer's commit-to-decoded latency at the same rate (exact, not bucketed).
     pub floor: Option<Floor>,
+    /// A plain producer's produce-to-ack latency at the same rate on the same broker, one
+    /// record per produce call, no Postgres (exact, not bucketed).
+    pub broker_floor: Option<Floor>,
     /// Commit (as the writer saw it return) to the broker's append, per event: measured the
     /// same way for the peers.
     pub appended: Option<Appended>,
@@ -214,6 +217,13 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
                 floor.p50_ms, floor.p99_ms, floor.max_ms
             );
         }
+        if let Some(floor) = &latency.broker_floor {
+            let _ = writeln!(
+                out,
+                "  broker latency floor, a plain producer at the same rate (produce -> ack, exact): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                floor.p50_ms, floor.p99_ms, floor.max_ms
+            );
+        }
         let _ = writeln!(
             out,
             "  writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event, peak RSS {:.1} MB",
@@ -309,6 +319,8 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         "latency_append_p99_ms_20k": high.and_then(|l| l.appended).map(|a| a.p99_ms),
         "decode_latency_p50_ms": x.latency.and_then(|l| l.floor).map(|f| f.p50_ms),
         "decode_latency_p99_ms": x.latency.and_then(|l| l.floor).map(|f| f.p99_ms),
+        "broker_latency_p50_ms": x.latency.and_then(|l| l.broker_floor).map(|f| f.p50_ms),
+        "broker_latency_p99_ms": x.latency.and_then(|l| l.broker_floor).map(|f| f.p99_ms),
         "peak_rss_mb": backlog_rss.map(mb),
         "big_tx_peak_rss_mb": big.and_then(drain).map(|d| mb(d.peak_rss_kb)),
         "big_tx_eps": big.and_then(drain).map(|d| d.eps()),

@@ -566,6 +566,10 @@ fn jvm_flags(options: &KafkaOptions) -> Vec<String> {
         flags.push("-XX:+UseG1GC".to_owned());
         flags.push("-XX:MaxGCPauseMillis=20".to_owned());
     }
+    // While investigating (e.g. `-Xlog:gc:file=/tmp/kafka-gc-%p.log`): extra flags, last.
+    if let Ok(extra) = std::env::var("TESTKIT_KAFKA_JVM_FLAGS") {
+        flags.extend(extra.split_whitespace().map(str::to_owned));
+    }
     flags
 }
 
