@@ -202,9 +202,7 @@ pub fn latency_run(
         .context("paced writer")?;
     wait_published(&mut relay, warm + count)?;
     // Before the relay stops: its last transaction commits on its own, not at the SIGTERM.
-    let visible = follower
-        .map(|f| f.finish(&writer.commits_us))
-        .transpose()?;
+    let visible = follower.map(|f| f.finish(&writer.commits_us)).transpose()?;
     let cpu = relay.cpu_secs(env.clk_tck) - cpu_before;
     let after = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
     let peak_rss_kb = relay.peak_rss_kb();

@@ -231,9 +231,7 @@ impl Opts {
                         if !["100", "10", "1", "big", "backlogs", "latency", "eos"]
                             .contains(&part.as_str())
                         {
-                            bail!(
-                                "--only takes a list of 100, 10, 1, big, backlogs, latency, eos"
-                            );
+                            bail!("--only takes a list of 100, 10, 1, big, backlogs, latency, eos");
                         }
                     }
                     opts.only = Some(parts);
@@ -353,10 +351,7 @@ fn run(opts: &Opts) -> Result<()> {
         (n, "big", "1 tx of N"),
     ];
     let eos_shape = |per_tx: u64| runs("eos") && (per_tx == 100 || per_tx == 1);
-    for (per_tx, tag, label) in backlogs
-        .into_iter()
-        .filter(|b| runs(b.1) || eos_shape(b.0))
-    {
+    for (per_tx, tag, label) in backlogs.into_iter().filter(|b| runs(b.1) || eos_shape(b.0)) {
         // Listed for itself, not only for exactly once.
         let listed = runs(tag);
         let side_by_side = listed && (per_tx == 100 || per_tx == 1);
