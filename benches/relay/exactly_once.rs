@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::observe::{order_id, Appended};
 use crate::procfs::unix_micros;
 use crate::report::{Drain, Latency, Shape};
-use crate::side_by_side::first_line;
+use crate::side_by_side::{first_line, relay_as_peer};
 use crate::{PARTITIONS, TOPIC};
 
 /// The relay's `kafka.delivery`.
@@ -44,6 +45,22 @@ impl Delivery {
             Delivery::ExactlyOnce => vec![("OUTBOX_RELAY_KAFKA_DELIVERY", "exactly-once")],
         }
     }
+}
+
+/// Makes a fresh broker ready for transactions before a drain is timed: the first
+/// `init_transactions` on a broker creates its transaction state log (50 partitions), a
+/// once-per-cluster cost that is not the relay's.
+pub fn warm_transactions(brokers: &str) -> Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("transactional.id", "relay-bench-warm-up")
+        .create()
+        .context("creating a transactional producer")?;
+    producer
+        .init_transactions(Duration::from_secs(60))
+        .context("init_transactions on the fresh broker")?;
+    Ok(())
 }
 
 /// What the exactly-once runs measured, or why they failed.
@@ -112,7 +129,8 @@ pub fn report_latency(run: &std::result::Result<Latency, String>) {
 }
 
 /// The exactly-once lines of the printed table: each drain beside the at-least-once drain of
-/// the same backlog, and the latency beside at least once's.
+/// the same backlog (from spawn, and steady: first to last acknowledgement), and the latency
+/// beside at least once's.
 pub fn report_eos(out: &mut String, shapes: &[Shape], eos: &EosRuns, alo: Option<&Latency>) {
     if eos.drains.is_empty() && eos.latency.is_none() {
         return;
@@ -123,23 +141,37 @@ pub fn report_eos(out: &mut String, shapes: &[Shape], eos: &EosRuns, alo: Option
     );
     let _ = writeln!(
         out,
-        "{:<10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>9} {:>7}",
-        "backlog", "EOS/s", "ALO/s", "EOS/ALO", "relay s", "last ack s", "CPU us/ev", "RSS MB"
+        "{:<10} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>10} {:>9} {:>7}",
+        "backlog",
+        "EOS/s",
+        "ALO/s",
+        "EOS/ALO",
+        "steady EOS",
+        "ALO",
+        "ratio",
+        "relay s",
+        "CPU us/ev",
+        "RSS MB"
     );
     for (per_tx, drain) in &eos.drains {
         let shape = shapes.iter().find(|s| s.per_tx == *per_tx);
         let label = shape.map_or_else(|| format!("{per_tx} / tx"), |s| s.label.clone());
-        let alo = shape.and_then(|s| s.relay.as_ref().ok()).map(Drain::eps);
+        let alo = shape.and_then(|s| s.relay.as_ref().ok());
+        let alo_eps = alo.map_or(f64::NAN, Drain::eps);
+        let alo_steady = alo.map_or(f64::NAN, |a| relay_as_peer(a).steady_eps());
         match drain {
             Ok(d) => {
+                let steady = relay_as_peer(d).steady_eps();
                 let _ = writeln!(
                     out,
-                    "{label:<10} {:>9.0} {:>9.0} {:>8.3} {:>8.2} {:>10.2} {:>9.2} {:>7.1}",
+                    "{label:<10} {:>9.0} {:>9.0} {:>8.3} {:>10.0} {:>8.0} {:>8.3} {:>10.2} {:>9.2} {:>7.1}",
                     d.eps(),
-                    alo.unwrap_or(f64::NAN),
-                    alo.map_or(f64::NAN, |a| d.eps() / a),
+                    alo_eps,
+                    d.eps() / alo_eps,
+                    steady,
+                    alo_steady,
+                    steady / alo_steady,
                     d.secs,
-                    d.acked_secs,
                     d.cpu_us_per_event(),
                     d.peak_rss_kb as f64 / 1024.0
                 );
@@ -182,15 +214,19 @@ pub fn eos_json(shapes: &[Shape], eos: &EosRuns) -> serde_json::Map<String, serd
             .iter()
             .find(|s| s.per_tx == per_tx)
             .and_then(|s| s.relay.as_ref().ok())
-            .map(Drain::eps)
     };
-    let ratio = |per_tx: u64| Some(eos.drain(per_tx)?.eps() / alo(per_tx)?);
+    let ratio = |per_tx: u64| Some(eos.drain(per_tx)?.eps() / alo(per_tx)?.eps());
+    let steady = |d: &Drain| relay_as_peer(d).steady_eps();
+    let steady_ratio = |per_tx: u64| Some(steady(eos.drain(per_tx)?) / steady(alo(per_tx)?));
     let visible = eos.latency().and_then(|l| l.visible);
     let fields = serde_json::json!({
         "eos_throughput_eps": eos.drain(100).map(Drain::eps),
         "eos_throughput_1_eps": eos.drain(1).map(Drain::eps),
         "eos_ratio": ratio(100),
         "eos_ratio_1": ratio(1),
+        "eos_steady_eps": eos.drain(100).map(steady),
+        "eos_steady_ratio": steady_ratio(100),
+        "eos_steady_ratio_1": steady_ratio(1),
         "eos_cpu_us_per_event": eos.drain(100).map(Drain::cpu_us_per_event),
         "eos_peak_rss_mb": eos.drain(100).map(|d| d.peak_rss_kb as f64 / 1024.0),
         "eos_latency_p50_ms": visible.map(|v| v.p50_ms),

@@ -436,7 +436,8 @@ fn run(opts: &Opts) -> Result<()> {
         }
         if let Some(slot) = &slots.eos {
             let kafka = start_kafka()?;
-            let result = drain_relay(&env, &kafka, slot, n, end, Delivery::ExactlyOnce)
+            let result = exactly_once::warm_transactions(&kafka.brokers())
+                .and_then(|()| drain_relay(&env, &kafka, slot, n, end, Delivery::ExactlyOnce))
                 .map_err(|e| format!("{e:#}"));
             exactly_once::report_drain(per_tx, &result);
             eos.drains.push((per_tx, result));
