@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::broker::Broker;
+use crate::exactly_once::Delivery;
 use crate::metrics::{gauge, published};
 use crate::procfs::CpuSnapshot;
 use crate::relay::RelayProc;
@@ -51,16 +52,25 @@ pub struct Slots {
     pub peer: Option<String>,
     /// Debezium's (pgoutput).
     pub debezium: Option<String>,
+    /// The relay in exactly-once mode.
+    pub eos: Option<String>,
 }
 
 impl Slots {
-    pub fn create(env: &Env<'_>, tag: &str, with_peer: bool, with_debezium: bool) -> Result<Slots> {
+    pub fn create(
+        env: &Env<'_>,
+        tag: &str,
+        with_peer: bool,
+        with_debezium: bool,
+        with_eos: bool,
+    ) -> Result<Slots> {
         let slots = Slots {
             null: [format!("bench_null_{tag}"), format!("bench_null2_{tag}")],
             recvlogical: format!("bench_recvlogical_{tag}"),
             relay: format!("bench_relay_{tag}"),
             peer: with_peer.then(|| format!("bench_peer_{tag}")),
             debezium: with_debezium.then(|| format!("bench_debezium_{tag}")),
+            eos: with_eos.then(|| format!("bench_eos_{tag}")),
         };
         let mut sql = String::new();
         for slot in slots
@@ -68,6 +78,7 @@ impl Slots {
             .iter()
             .chain([&slots.recvlogical, &slots.relay])
             .chain(slots.debezium.as_ref())
+            .chain(slots.eos.as_ref())
         {
             let _ = writeln!(
                 sql,
@@ -91,6 +102,7 @@ impl Slots {
             .chain([&self.recvlogical, &self.relay])
             .chain(self.peer.as_ref())
             .chain(self.debezium.as_ref())
+            .chain(self.eos.as_ref())
         {
             drop_slot(env, slot)?;
         }
@@ -168,16 +180,17 @@ pub fn write_backlog(env: &Env<'_>, n: u64, per_tx: u64) -> Result<(f64, u64)> {
 }
 
 /// Runs the relay on `slot` from its spawn until it has published `n` events and the slot is
-/// confirmed at or past `end`.
+/// confirmed at or past `end` (with exactly once: the last transaction committed).
 pub fn drain_relay(
     env: &Env<'_>,
     broker: &dyn Broker,
     slot: &str,
     n: u64,
     end: u64,
+    delivery: Delivery,
 ) -> Result<Drain> {
     let t0 = Instant::now();
-    let mut relay = RelayProc::start(env, broker, slot)?;
+    let mut relay = RelayProc::start(env, broker, slot, delivery)?;
     let own = [std::process::id(), relay.id(), broker.pid()];
     let cpu0 = CpuSnapshot::take(&own, env.postmaster);
     let deadline = t0 + Duration::from_secs(120 + n / 1000);

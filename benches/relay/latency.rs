@@ -12,6 +12,7 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
 use crate::backlog::{connect, drop_slot};
 use crate::broker::Broker;
+use crate::exactly_once::{Delivery, VisibleFollower};
 use crate::metrics::{bucket_quantile, gauge, histogram, histogram_sum_count, published};
 use crate::observe::append_latencies;
 use crate::procfs::unix_micros;
@@ -119,15 +120,22 @@ pub async fn null_follow(url: String, slot: String, n: u64) -> Result<Vec<f64>> 
 }
 
 /// The relay at `rate` events/s for `secs` s (after [`WARM_UP_SECS`] of warm-up) on a broker whose topic
-/// has `LogAppendTime`: its own histogram, and commit-to-append seen in the broker.
-pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> Result<Latency> {
+/// has `LogAppendTime`: its own histogram, and commit-to-append seen in the broker. With exactly
+/// once also commit to visible to a `read_committed` consumer ([`VisibleFollower`]).
+pub fn latency_run(
+    env: &Env<'_>,
+    broker: &dyn Broker,
+    rate: u64,
+    secs: u64,
+    delivery: Delivery,
+) -> Result<Latency> {
     let slot = format!("bench_relay_latency_{rate}");
     let slot = slot.as_str();
     env.pg.psql(
         DB,
         &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
     )?;
-    let mut relay = RelayProc::start(env, broker, slot)?;
+    let mut relay = RelayProc::start(env, broker, slot, delivery)?;
     // Streaming once the relay holds its slot.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -155,6 +163,10 @@ pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> 
     let before = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
     let cpu_before = relay.cpu_secs(env.clk_tck);
     let count = rate * secs;
+    let follower = match delivery {
+        Delivery::ExactlyOnce => Some(VisibleFollower::start(&broker.brokers(), warm, count)?),
+        Delivery::AtLeastOnce => None,
+    };
     let writer = env
         .rt
         .spawn(paced_write(env.url.to_owned(), rate, count, warm));
@@ -189,6 +201,8 @@ pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> 
         .context("paced writer panicked")?
         .context("paced writer")?;
     wait_published(&mut relay, warm + count)?;
+    // Before the relay stops: its last transaction commits on its own, not at the SIGTERM.
+    let visible = follower.map(|f| f.finish(&writer.commits_us)).transpose()?;
     let cpu = relay.cpu_secs(env.clk_tck) - cpu_before;
     let after = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
     let peak_rss_kb = relay.peak_rss_kb();
@@ -228,6 +242,7 @@ pub fn latency_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> 
         floor: None,
         broker_floor: None,
         appended: Some(appended),
+        visible,
     })
 }
 

@@ -5,6 +5,7 @@
 //! cargo bench --bench relay -- --quick   # 50,000-event backlogs, 10 s latency runs
 //! cargo bench --bench relay -- --events 200000   # another backlog size
 //! cargo bench --bench relay -- --no-peers        # the relay alone
+//! cargo bench --bench relay -- --quick --only eos  # exactly once beside at least once
 //! ```
 //!
 //! One run on one machine, everything local: a throwaway Postgres (`wal_level = logical`), a
@@ -33,6 +34,11 @@
 //! 6. **Debezium**: Kafka Connect standalone with Debezium's PostgreSQL connector and its
 //!    Outbox Event Router, the incumbent, on its own slot of the same WAL and the same broker.
 //!
+//! 7. **exactly once**: the relay with `kafka.delivery = "exactly-once"` draining the 100- and
+//!    1-per-transaction backlogs on a slot of its own, and following the paced writer at the
+//!    first latency rate (commit to visible to a `read_committed` consumer), beside at least
+//!    once (`exactly_once`).
+//!
 //! The peers drain the 100- and 1-per-transaction backlogs and follow the paced writer at
 //! 5,000 events/s; each is skipped, with the reason, when it cannot be set up.
 //!
@@ -54,6 +60,7 @@ mod backlog;
 mod broker;
 mod debezium;
 mod decode;
+mod exactly_once;
 mod latency;
 mod metrics;
 mod observe;
@@ -77,6 +84,7 @@ use backlog::{connect, drain_relay, write_backlog, Slots};
 use broker::{broker_ceiling, broker_latency_floor, start_kafka, start_kafka_with, start_tansu};
 use debezium::{debezium_latency, drain_debezium, setup_debezium, DEBEZIUM_PUBLICATION};
 use decode::{null_consume_on_own_thread, recvlogical_ceiling};
+use exactly_once::{Delivery, EosRuns};
 use latency::{latency_floor, latency_run};
 use peer::{peer_latency, run_peer, setup_peer};
 use procfs::clock_ticks;
@@ -181,7 +189,8 @@ struct Opts {
     /// `--no-peers`: measure the relay alone (no Debezium, no script).
     peers: bool,
     /// `--only PARTS`: run just these parts (while iterating), a comma-separated list of
-    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four) and `latency`.
+    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four), `latency` and `eos`
+    /// (exactly once: the 100 and 1 backlogs with both modes, and its latency run).
     only: Option<Vec<String>>,
 }
 
@@ -221,10 +230,10 @@ impl Opts {
                         .map(str::to_owned)
                         .collect();
                     for part in &parts {
-                        if !["100", "10", "1", "big", "backlogs", "latency"]
+                        if !["100", "10", "1", "big", "backlogs", "latency", "eos"]
                             .contains(&part.as_str())
                         {
-                            bail!("--only takes a list of 100, 10, 1, big, backlogs, latency");
+                            bail!("--only takes a list of 100, 10, 1, big, backlogs, latency, eos");
                         }
                     }
                     opts.only = Some(parts);
@@ -293,7 +302,7 @@ fn run(opts: &Opts) -> Result<()> {
     let runs = |part: &str| {
         opts.only.as_ref().is_none_or(|only| {
             only.iter()
-                .any(|o| o == part || (o == "backlogs" && part != "latency"))
+                .any(|o| o == part || (o == "backlogs" && part != "latency" && part != "eos"))
         })
     };
     let peers_wanted = opts.peers && (runs("100") || runs("1") || runs("latency"));
@@ -328,6 +337,7 @@ fn run(opts: &Opts) -> Result<()> {
         Ok(_) => PeerRuns::default(),
         Err(why) => PeerRuns::skipped(why.clone()),
     };
+    let mut eos = EosRuns::default();
 
     // Each shape: decode ceiling, (broker ceiling), relay, (the peers), on one WAL.
     let mut shapes = Vec::new();
@@ -342,11 +352,15 @@ fn run(opts: &Opts) -> Result<()> {
         (1, "1", "1 / tx"),
         (n, "big", "1 tx of N"),
     ];
-    for (per_tx, tag, label) in backlogs.into_iter().filter(|b| runs(b.1)) {
-        let side_by_side = per_tx == 100 || per_tx == 1;
+    let eos_shape = |per_tx: u64| runs("eos") && (per_tx == 100 || per_tx == 1);
+    for (per_tx, tag, label) in backlogs.into_iter().filter(|b| runs(b.1) || eos_shape(b.0)) {
+        // Listed for itself, not only for exactly once.
+        let listed = runs(tag);
+        let side_by_side = listed && (per_tx == 100 || per_tx == 1);
         let with_peer = side_by_side && peer_setup.is_ok();
         let with_debezium = side_by_side && debezium_setup.is_ok();
-        let slots = Slots::create(&env, tag, with_peer, with_debezium)?;
+        let with_eos = eos_shape(per_tx);
+        let slots = Slots::create(&env, tag, with_peer, with_debezium, with_eos)?;
         eprintln!("[bench] writing {n} events, {per_tx} per transaction");
         let (write_secs, end) = write_backlog(&env, n, per_tx)?;
         eprintln!(
@@ -375,7 +389,7 @@ fn run(opts: &Opts) -> Result<()> {
                 None
             }
         };
-        if per_tx == 100 {
+        if per_tx == 100 && listed {
             let kafka = start_kafka()?;
             let rate = broker_ceiling(&kafka, n)?;
             drop(kafka);
@@ -402,7 +416,7 @@ fn run(opts: &Opts) -> Result<()> {
         let relay = {
             let kafka = start_kafka()?;
             // The contract check that Debezium's records must pass holds for the relay's.
-            drain_relay(&env, &kafka, &slots.relay, n, end)
+            drain_relay(&env, &kafka, &slots.relay, n, end, Delivery::AtLeastOnce)
                 .and_then(|d| {
                     observe::first_record(&kafka.brokers())?
                         .check(&env)
@@ -421,6 +435,14 @@ fn run(opts: &Opts) -> Result<()> {
                 relay.peak_rss_kb as f64 / 1024.0
             ),
             Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
+        }
+        if let Some(slot) = &slots.eos {
+            let kafka = start_kafka()?;
+            let result = exactly_once::warm_transactions(&kafka.brokers())
+                .and_then(|()| drain_relay(&env, &kafka, slot, n, end, Delivery::ExactlyOnce))
+                .map_err(|e| format!("{e:#}"));
+            exactly_once::report_drain(per_tx, &result);
+            eos.drains.push((per_tx, result));
         }
         if with_peer {
             let kafka = start_kafka()?;
@@ -496,7 +518,7 @@ fn run(opts: &Opts) -> Result<()> {
         let run = Latency {
             floor: Some(floor),
             broker_floor: Some(broker_floor),
-            ..latency_run(&env, &kafka, rate, opts.latency_secs)?
+            ..latency_run(&env, &kafka, rate, opts.latency_secs, Delivery::AtLeastOnce)?
         };
         drop(kafka);
         eprintln!(
@@ -527,7 +549,8 @@ fn run(opts: &Opts) -> Result<()> {
             opts.latency_secs
         );
         let kafka = start_kafka_with(&append_time)?;
-        let run = latency_run(&env, &kafka, high, opts.latency_secs).map_err(|e| format!("{e:#}"));
+        let run = latency_run(&env, &kafka, high, opts.latency_secs, Delivery::AtLeastOnce)
+            .map_err(|e| format!("{e:#}"));
         match &run {
             Ok(l) => eprintln!(
                 "[bench]   relay: {:.0} events/s, p50 {:.2} ms, p99 {:.2} ms, max <= {} ms (histogram)",
@@ -536,6 +559,18 @@ fn run(opts: &Opts) -> Result<()> {
             Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
         }
         latency_high = Some(run);
+    }
+    if runs("eos") {
+        let rate = opts.latency_rate;
+        eprintln!(
+            "[bench] latency, exactly once: {rate} events/s, 1 event per transaction, {} s",
+            opts.latency_secs
+        );
+        let kafka = start_kafka_with(&append_time)?;
+        let run = latency_run(&env, &kafka, rate, opts.latency_secs, Delivery::ExactlyOnce)
+            .map_err(|e| format!("{e:#}"));
+        exactly_once::report_latency(&run);
+        eos.latency = Some(run);
     }
 
     report(
@@ -548,6 +583,7 @@ fn run(opts: &Opts) -> Result<()> {
             latency_high: latency_high.as_ref(),
             debezium: &dbz,
             peer: &peer,
+            eos: &eos,
         },
     );
     Ok(())

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use testkit::{free_port, relay_config, scrape, Relay};
 
 use crate::broker::Broker;
+use crate::exactly_once::Delivery;
 use crate::procfs::{proc_cpu_ticks, proc_status_kb};
 use crate::{Env, PUBLICATION};
 
@@ -38,7 +39,12 @@ pub struct RelayProc {
 }
 
 impl RelayProc {
-    pub fn start(env: &Env<'_>, broker: &dyn Broker, slot: &str) -> Result<RelayProc> {
+    pub fn start(
+        env: &Env<'_>,
+        broker: &dyn Broker,
+        slot: &str,
+        delivery: Delivery,
+    ) -> Result<RelayProc> {
         let dir = tempfile::Builder::new()
             .prefix("relay-bench-")
             .disable_cleanup(std::env::var_os("RELAY_BENCH_KEEP_LOGS").is_some())
@@ -46,7 +52,7 @@ impl RelayProc {
         let http_port = free_port()?;
         let config = relay_toml(env.url, slot, &broker.brokers(), http_port);
         Ok(RelayProc {
-            relay: Relay::start_in(dir, &config, &[]),
+            relay: Relay::start_in(dir, &config, &delivery.env()),
             http_port,
         })
     }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::exactly_once::{eos_json, report_eos, EosRuns};
 use crate::observe::Appended;
 use crate::side_by_side::{first_line, relay_as_peer, side_by_side, PeerRuns};
 use crate::Opts;
@@ -92,6 +93,10 @@ pub struct Latency {
     /// Commit (as the writer saw it return) to the broker's append, per event: measured the
     /// same way for the peers.
     pub appended: Option<Appended>,
+    /// Exactly once: commit (as the writer saw it return) to the record seen by a
+    /// `read_committed` consumer following the topic (the histogram stops at the ack, before
+    /// the Kafka transaction commits).
+    pub visible: Option<Appended>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -111,6 +116,8 @@ pub struct Extras<'a> {
     pub latency_high: Option<&'a std::result::Result<Latency, String>>,
     pub debezium: &'a PeerRuns,
     pub peer: &'a PeerRuns,
+    /// The relay in exactly-once mode.
+    pub eos: &'a EosRuns,
 }
 
 pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
@@ -257,6 +264,7 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
     }
 
     let vs_debezium = side_by_side(&mut out, opts, shapes, x);
+    report_eos(&mut out, shapes, x.eos, x.latency);
     print!("{out}");
 
     let find = |per_tx: u64| shapes.iter().find(|s| s.per_tx == per_tx);
@@ -293,7 +301,8 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
     }
     failures.extend(dbz.failures("debezium"));
     failures.extend(peer.failures("peer"));
-    let json = serde_json::json!({
+    failures.extend(x.eos.failures());
+    let mut json = serde_json::json!({
         "mode": if opts.quick { "quick" } else { "full" },
         "events": n,
         "broker": format!("apache-kafka-{}", testkit::KAFKA_VERSION),
@@ -360,5 +369,8 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         "peer_skipped": peer.skipped.as_deref(),
         "failures": failures,
     });
+    if let Some(fields) = json.as_object_mut() {
+        fields.extend(eos_json(shapes, x.eos));
+    }
     println!("{json}");
 }

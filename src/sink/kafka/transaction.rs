@@ -298,7 +298,6 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         })?;
         let metrics = &self.shared.metrics;
         if let Err(error) = result {
-            metrics.transactions.with_label_values(&["aborted"]).inc();
             self.abort().await;
             return Err(txn_error("committing", &error));
         }
@@ -329,7 +328,8 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
     }
 
     /// Aborts the open transaction, if any (best effort: a producer that can't is fenced or
-    /// failed, and the next `init_transactions` with this identity aborts it anyway).
+    /// failed, and the next `init_transactions` with this identity aborts it anyway). Counted
+    /// as aborted either way.
     pub async fn abort(&mut self) {
         let Some(txn) = &mut self.txn else {
             return;
@@ -337,6 +337,11 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         if txn.began.take().is_none() {
             return;
         }
+        self.shared
+            .metrics
+            .transactions
+            .with_label_values(&["aborted"])
+            .inc();
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         let producer = self.producer.clone();
