@@ -724,3 +724,59 @@ fn a_frozen_leader_is_replaced_and_steps_down_when_it_wakes() {
         first.log_tail()
     );
 }
+
+/// A poll reads the next `batch_size` rows of the `(txid, seq)` index in order, whatever plan
+/// Postgres caches for the prepared statement: no sort of everything past the cursor (which
+/// made each poll cost as much as the whole backlog).
+#[test]
+fn a_poll_reads_the_index_in_order_without_sorting_the_backlog() {
+    use outbox_relay::config::Config;
+    use outbox_relay::postgres::setup::PollingTable;
+    use outbox_relay::source::polling::read_statement;
+
+    let pg = ThrowawayPostgres::start().expect("postgres starts");
+    pg.psql("postgres", include_str!("../sql/outbox.sql"))
+        .expect("schema applies");
+    let backlog = "CREATE INDEX events_relay_poll_idx ON outbox.events (txid, seq); \
+         CREATE PROCEDURE fill() LANGUAGE plpgsql AS $$ BEGIN \
+           FOR t IN 1..200 LOOP \
+             INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', (g % 50)::text, 'Happened', jsonb_build_object('n', g) \
+             FROM generate_series(1, 100) AS g; \
+             COMMIT; \
+           END LOOP; END $$; \
+         CALL fill(); ANALYZE outbox.events;";
+    pg.psql("postgres", backlog).expect("backlog written");
+    let table = PollingTable {
+        txid_is_xid8: true,
+        payload_is_bytea: false,
+        notify_trigger: false,
+        indexed: true,
+    };
+    let read = read_statement(&Config::default(), &table);
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let plan = pg
+            .psql(
+                "postgres",
+                &format!(
+                    "SET plan_cache_mode = {mode}; \
+                     PREPARE poll(bigint, bigint, bigint) AS {read}; \
+                     EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE poll(0, 0, 1000);"
+                ),
+            )
+            .expect("explain runs");
+        println!("{mode}:\n{plan}");
+        assert!(
+            plan.contains("Index Scan using events_relay_poll_idx"),
+            "{mode}: the poll reads the index:\n{plan}"
+        );
+        assert!(
+            !plan.contains("Sort"),
+            "{mode}: nothing to sort, the index is in (txid, seq) order:\n{plan}"
+        );
+        assert!(
+            plan.contains("Limit (actual rows=1000"),
+            "{mode}: the scan stops after the batch:\n{plan}"
+        );
+    }
+}

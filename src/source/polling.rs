@@ -170,6 +170,12 @@ impl Queries {
     }
 }
 
+/// The statement one poll runs, for `cfg` and a table shaped like `table` (`$1` cursor txid,
+/// `$2` cursor seq, `$3` limit): for tests that look at its plan.
+pub fn read_statement(cfg: &Config, table: &PollingTable) -> String {
+    Queries::new(cfg, table).read
+}
+
 /// The polling source of one leader session.
 pub struct Polling {
     cfg: Arc<Config>,
