@@ -56,6 +56,7 @@ mod latency;
 mod metrics;
 mod observe;
 mod peer;
+mod polling;
 mod procfs;
 mod relay;
 mod report;
@@ -78,7 +79,7 @@ use decode::{null_consume_on_own_thread, recvlogical_ceiling};
 use latency::{latency_floor, latency_run};
 use peer::{peer_latency, run_peer, setup_peer};
 use procfs::clock_ticks;
-use report::{report, Extras, Latency, Shape};
+use report::{report, Extras, Latency, PollingRuns, Shape};
 use side_by_side::{report_peer, report_peer_latency, PeerRuns};
 
 /// The relay's allocator, so the null consumer and the plain producer pay what the relay pays.
@@ -179,7 +180,8 @@ struct Opts {
     /// `--no-peers`: measure the relay alone (no Debezium, no script).
     peers: bool,
     /// `--only PARTS`: run just these parts (while iterating), a comma-separated list of
-    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four) and `latency`.
+    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four), `latency` and `polling`
+    /// (polling mode's drains of the 100 and 1 per transaction backlogs and its latency run).
     only: Option<Vec<String>>,
 }
 
@@ -219,10 +221,12 @@ impl Opts {
                         .map(str::to_owned)
                         .collect();
                     for part in &parts {
-                        if !["100", "10", "1", "big", "backlogs", "latency"]
+                        if !["100", "10", "1", "big", "backlogs", "latency", "polling"]
                             .contains(&part.as_str())
                         {
-                            bail!("--only takes a list of 100, 10, 1, big, backlogs, latency");
+                            bail!(
+                                "--only takes a list of 100, 10, 1, big, backlogs, latency, polling"
+                            );
                         }
                     }
                     opts.only = Some(parts);
@@ -291,7 +295,7 @@ fn run(opts: &Opts) -> Result<()> {
     let runs = |part: &str| {
         opts.only.as_ref().is_none_or(|only| {
             only.iter()
-                .any(|o| o == part || (o == "backlogs" && part != "latency"))
+                .any(|o| o == part || (o == "backlogs" && !["latency", "polling"].contains(&part)))
         })
     };
     let peers_wanted = opts.peers && (runs("100") || runs("1") || runs("latency"));
@@ -326,6 +330,10 @@ fn run(opts: &Opts) -> Result<()> {
         Ok(_) => PeerRuns::default(),
         Err(why) => PeerRuns::skipped(why.clone()),
     };
+    let mut polling = PollingRuns::default();
+    if runs("polling") {
+        polling::prepare(&env)?;
+    }
 
     // Each shape: decode ceiling, (broker ceiling), relay, (the peers), on one WAL.
     let mut shapes = Vec::new();
@@ -420,6 +428,9 @@ fn run(opts: &Opts) -> Result<()> {
             ),
             Err(e) => eprintln!("[bench]   relay FAILED: {e}"),
         }
+        if side_by_side && runs("polling") {
+            polling.drains.push((per_tx, polling_drain(&env, n)));
+        }
         if with_peer {
             let kafka = start_kafka()?;
             let python = peer_setup.as_ref().expect("peer is set up");
@@ -470,8 +481,40 @@ fn run(opts: &Opts) -> Result<()> {
         });
     }
 
+    // Polling alone (`--only polling`): its own backlogs of the two shapes.
+    for (per_tx, tag) in [(100, "100"), (1, "1")] {
+        if runs("polling") && !runs(tag) {
+            eprintln!("[bench] writing {n} events, {per_tx} per transaction (polling only)");
+            let (write_secs, _) = write_backlog(&env, n, per_tx)?;
+            eprintln!("[bench]   written in {write_secs:.1} s");
+            polling.drains.push((per_tx, polling_drain(&env, n)));
+            pg.psql(DB, "TRUNCATE outbox.events")?;
+        }
+    }
+
     // Latency: a topic with LogAppendTime, so the broker's append time is in every record.
     let append_time = [("message.timestamp.type", "LogAppendTime")];
+    if runs("polling") {
+        let rate = opts.latency_rate;
+        eprintln!(
+            "[bench] polling latency: {rate} events/s, 1 event per transaction, NOTIFY, {} s",
+            opts.latency_secs
+        );
+        let kafka = start_kafka_with(&append_time)?;
+        let run = polling::polling_latency(&env, &kafka, rate, opts.latency_secs)
+            .map_err(|e| format!("{e:#}"));
+        match &run {
+            Ok(l) => eprintln!(
+                "[bench]   polling relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms (histogram); commit -> append p99 {:.2} ms",
+                l.p50_ms,
+                l.p99_ms,
+                l.max_bucket_ms,
+                l.appended.map_or(f64::NAN, |a| a.p99_ms)
+            ),
+            Err(e) => eprintln!("[bench]   polling relay FAILED: {e}"),
+        }
+        polling.latency = Some(run);
+    }
     let mut latency = None;
     let mut latency_high = None;
     if runs("latency") {
@@ -540,9 +583,29 @@ fn run(opts: &Opts) -> Result<()> {
             latency_high: latency_high.as_ref(),
             debezium: &dbz,
             peer: &peer,
+            polling: &polling,
         },
     );
     Ok(())
+}
+
+/// The polling relay's drain of the backlog in the outbox now, on a fresh broker.
+fn polling_drain(env: &Env<'_>, n: u64) -> std::result::Result<report::Drain, String> {
+    let result = start_kafka()
+        .and_then(|kafka| polling::drain_polling(env, &kafka, n))
+        .map_err(|e| format!("{e:#}"));
+    match &result {
+        Ok(d) => eprintln!(
+            "[bench]   polling relay: {:.0} events/s ({:.2} s; last ack at {:.2} s), {:.2} us CPU/event, peak RSS {:.1} MB",
+            d.eps(),
+            d.secs,
+            d.acked_secs,
+            d.cpu_us_per_event(),
+            d.peak_rss_kb as f64 / 1024.0
+        ),
+        Err(e) => eprintln!("[bench]   polling relay FAILED: {e}"),
+    }
+    result
 }
 
 /// What every phase needs.
