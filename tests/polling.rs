@@ -803,10 +803,14 @@ fn several_batches_in_flight_deliver_a_backlog_complete_and_in_order() {
     let (relay, port) = leader(&world, &[SMALL_BATCHES]);
     world.write(200, 100, 20, &types);
     let _ = consume_n(&world, &topics(&types), 200, Duration::from_secs(60));
-    wait_until(Duration::from_secs(20), "the cursor covers the first 200", || {
-        let (cursor, last) = cursor_and_last_row(&world);
-        cursor == last
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "the cursor covers the first 200",
+        || {
+            let (cursor, last) = cursor_and_last_row(&world);
+            cursor == last
+        },
+    );
     let (before, _) = cursor_and_last_row(&world);
 
     proxy.cut();
@@ -831,10 +835,14 @@ fn several_batches_in_flight_deliver_a_backlog_complete_and_in_order() {
     let (distinct, duplicates) = check_records(&records);
     println!("polling, Kafka cut with many batches in flight: {distinct} distinct, {duplicates} duplicates");
     assert_eq!(distinct, 200 + total, "relay log:\n{}", relay.log());
-    wait_until(Duration::from_secs(30), "the cursor reaches the last row", || {
-        let (cursor, last) = cursor_and_last_row(&world);
-        cursor == last
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the cursor reaches the last row",
+        || {
+            let (cursor, last) = cursor_and_last_row(&world);
+            cursor == last
+        },
+    );
 }
 
 /// SIGTERM in the middle of a backlog read in many small batches, with several of them in

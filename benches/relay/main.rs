@@ -31,6 +31,10 @@
 //! 6. **Debezium**: Kafka Connect standalone with Debezium's PostgreSQL connector and its
 //!    Outbox Event Router, the incumbent, on its own slot of the same WAL and the same broker.
 //!
+//! 7. **polling mode**: the relay with `source.mode = "polling"` (its own cursor, no slot)
+//!    draining the 100- and 1-per-transaction backlogs after logical mode, and following the
+//!    paced writer at 5,000 events/s woken by `NOTIFY` (`polling.rs`).
+//!
 //! The peers drain the 100- and 1-per-transaction backlogs and follow the paced writer at
 //! 5,000 events/s; each is skipped, with the reason, when it cannot be set up.
 //!
@@ -41,8 +45,8 @@
 //! test. Run under `cargo test` or `cargo nextest` (no `--bench` argument) it does nothing: it
 //! is not a test.
 //!
-//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`, `debezium`),
-//! the relay under test (`relay`), what is read from `/proc`, `/metrics` and the broker
+//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`, `debezium`,
+//! `polling`), the relay under test (`relay`), what is read from `/proc`, `/metrics` and the broker
 //! (`procfs`, `metrics`, `observe`) and the `report` (with `side_by_side`); Postgres, the brokers and child processes
 //! come from the test kit (`testkit/`).
 

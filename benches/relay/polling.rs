@@ -28,14 +28,16 @@ const INDEX_SQL: &str =
     "CREATE INDEX IF NOT EXISTS events_relay_poll_idx ON outbox.events (txid, seq)";
 
 /// The notify trigger `outbox-relay init` creates in polling mode.
-const TRIGGER_SQL: &str = "CREATE OR REPLACE TRIGGER outbox_relay_notify AFTER INSERT ON outbox.events \
+const TRIGGER_SQL: &str =
+    "CREATE OR REPLACE TRIGGER outbox_relay_notify AFTER INSERT ON outbox.events \
     FOR EACH STATEMENT EXECUTE FUNCTION outbox.notify_relay()";
 
 const DROP_TRIGGER_SQL: &str = "DROP TRIGGER IF EXISTS outbox_relay_notify ON outbox.events";
 
 /// Forgets the polling cursor, so the next polling relay starts at the outbox's beginning
 /// (the backlog of the moment: each is truncated after its runs).
-const RESET_CURSOR_SQL: &str = "DELETE FROM outbox.relay_state WHERE name = 'polling:outbox.events'";
+const RESET_CURSOR_SQL: &str =
+    "DELETE FROM outbox.relay_state WHERE name = 'polling:outbox.events'";
 
 /// The outbox's last row as a cursor, `txid/seq`.
 const LAST_ROW_SQL: &str = "SELECT txid::text || '/' || seq::text FROM outbox.events \
@@ -117,7 +119,10 @@ pub fn drain_polling(env: &Env<'_>, broker: &dyn Broker, n: u64) -> Result<Drain
     let acked_secs = loop {
         relay.check_alive()?;
         if Instant::now() >= deadline {
-            bail!("the polling relay did not drain {n} events in time:\n{}", relay.log_tail());
+            bail!(
+                "the polling relay did not drain {n} events in time:\n{}",
+                relay.log_tail()
+            );
         }
         std::thread::sleep(SCRAPE_EVERY);
         let metrics = relay.metrics().unwrap_or_default();
@@ -174,8 +179,15 @@ pub fn drain_polling(env: &Env<'_>, broker: &dyn Broker, n: u64) -> Result<Drain
 /// The polling relay following the paced writer at `rate` events/s (one per transaction)
 /// for `secs` s after [`WARM_UP_SECS`] of warm-up, woken by the notify trigger: its own
 /// commit-to-ack histogram, and commit-to-append seen in the broker.
-pub fn polling_latency(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> Result<Latency> {
-    env.pg.psql(DB, TRIGGER_SQL).context("creating the notify trigger")?;
+pub fn polling_latency(
+    env: &Env<'_>,
+    broker: &dyn Broker,
+    rate: u64,
+    secs: u64,
+) -> Result<Latency> {
+    env.pg
+        .psql(DB, TRIGGER_SQL)
+        .context("creating the notify trigger")?;
     let result = paced_run(env, broker, rate, secs);
     env.pg.psql(DB, DROP_TRIGGER_SQL)?;
     env.pg.psql(DB, "TRUNCATE outbox.events")?;
@@ -189,7 +201,10 @@ fn paced_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> Result
     while !testkit::http_get(relay.http_port, "/readyz").is_ok_and(|(status, _)| status == 200) {
         relay.check_alive()?;
         if Instant::now() >= deadline {
-            bail!("the polling relay did not start leading:\n{}", relay.log_tail());
+            bail!(
+                "the polling relay did not start leading:\n{}",
+                relay.log_tail()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -12,6 +12,9 @@
 //! that holds the leader lock) only past contiguous Kafka acknowledgements, like the slot in
 //! logical mode. An insert trigger's `NOTIFY outbox_relay` wakes the reader at once;
 //! `source.poll_interval` bounds the wait without one, and a full batch polls again at once.
+//! No poll waits for acknowledgements: the next batch is read as soon as the previous one is
+//! handed to the producer, so several batches are in flight, bounded by the producer's queue
+//! (where publishing waits for room) as in logical mode.
 //!
 //! Shutdown stops polling between batches, waits for every ack, persists the final cursor and
 //! only then releases the lock, so a restart publishes nothing twice.
