@@ -724,3 +724,159 @@ fn a_frozen_leader_is_replaced_and_steps_down_when_it_wakes() {
         first.log_tail()
     );
 }
+
+/// A poll reads the next `batch_size` rows of the `(txid, seq)` index in order, whatever plan
+/// Postgres caches for the prepared statement: no sort of everything past the cursor (which
+/// made each poll cost as much as the whole backlog).
+#[test]
+fn a_poll_reads_the_index_in_order_without_sorting_the_backlog() {
+    use outbox_relay::config::Config;
+    use outbox_relay::postgres::setup::PollingTable;
+    use outbox_relay::source::polling::read_statement;
+
+    let pg = ThrowawayPostgres::start().expect("postgres starts");
+    pg.psql("postgres", include_str!("../sql/outbox.sql"))
+        .expect("schema applies");
+    let backlog = "CREATE INDEX events_relay_poll_idx ON outbox.events (txid, seq); \
+         CREATE PROCEDURE fill() LANGUAGE plpgsql AS $$ BEGIN \
+           FOR t IN 1..200 LOOP \
+             INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', (g % 50)::text, 'Happened', jsonb_build_object('n', g) \
+             FROM generate_series(1, 100) AS g; \
+             COMMIT; \
+           END LOOP; END $$; \
+         CALL fill(); ANALYZE outbox.events;";
+    pg.psql("postgres", backlog).expect("backlog written");
+    let table = PollingTable {
+        txid_is_xid8: true,
+        payload_is_bytea: false,
+        notify_trigger: false,
+        indexed: true,
+    };
+    let read = read_statement(&Config::default(), &table);
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let plan = pg
+            .psql(
+                "postgres",
+                &format!(
+                    "SET plan_cache_mode = {mode}; \
+                     PREPARE poll(bigint, bigint, bigint) AS {read}; \
+                     EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE poll(0, 0, 1000);"
+                ),
+            )
+            .expect("explain runs");
+        println!("{mode}:\n{plan}");
+        assert!(
+            plan.contains("Index Scan using events_relay_poll_idx"),
+            "{mode}: the poll reads the index:\n{plan}"
+        );
+        assert!(
+            !plan.contains("Sort"),
+            "{mode}: nothing to sort, the index is in (txid, seq) order:\n{plan}"
+        );
+        assert!(
+            plan.contains("Limit (actual rows=1000"),
+            "{mode}: the scan stops after the batch:\n{plan}"
+        );
+    }
+}
+
+const SMALL_BATCHES: (&str, &str) = ("OUTBOX_RELAY_SOURCE_BATCH_SIZE", "100");
+
+fn published(port: u16) -> f64 {
+    metric(
+        port,
+        "outbox_relay_events_published_total{topic=\"outbox.event.order\"}",
+    )
+    .unwrap_or(0.0)
+}
+
+/// The next batch is read as soon as the previous one is handed to the producer, not once
+/// Kafka acknowledged it: with Kafka cut off, a backlog of many batches is read and waits in
+/// the producer, while the cursor stays where the acknowledgements stopped; once Kafka is
+/// back, every event arrives, in order per aggregate, and the cursor reaches the last row.
+#[test]
+fn several_batches_in_flight_deliver_a_backlog_complete_and_in_order() {
+    let world = World::behind_proxy();
+    let proxy = world.proxy.as_ref().unwrap();
+    let types = ["order"];
+    let (relay, port) = leader(&world, &[SMALL_BATCHES]);
+    world.write(200, 100, 20, &types);
+    let _ = consume_n(&world, &topics(&types), 200, Duration::from_secs(60));
+    wait_until(
+        Duration::from_secs(20),
+        "the cursor covers the first 200",
+        || {
+            let (cursor, last) = cursor_and_last_row(&world);
+            cursor == last
+        },
+    );
+    let (before, _) = cursor_and_last_row(&world);
+
+    proxy.cut();
+    let total = 3_000;
+    world.write(total, 100, 40, &types);
+    // Thirty batches of 100: at least ten of them read and handed over with no ack at all.
+    wait_until(
+        Duration::from_secs(60),
+        "ten batches in flight, none acknowledged",
+        || metric(port, "outbox_relay_inflight_events").is_some_and(|n| n >= 1_000.0),
+    );
+    let (during, _) = cursor_and_last_row(&world);
+    assert_eq!(during, before, "nothing acknowledged, nothing confirmed");
+
+    proxy.restore();
+    let records = consume_n(
+        &world,
+        &topics(&types),
+        200 + total,
+        Duration::from_secs(120),
+    );
+    let (distinct, duplicates) = check_records(&records);
+    println!("polling, Kafka cut with many batches in flight: {distinct} distinct, {duplicates} duplicates");
+    assert_eq!(distinct, 200 + total, "relay log:\n{}", relay.log());
+    wait_until(
+        Duration::from_secs(30),
+        "the cursor reaches the last row",
+        || {
+            let (cursor, last) = cursor_and_last_row(&world);
+            cursor == last
+        },
+    );
+}
+
+/// SIGTERM in the middle of a backlog read in many small batches, with several of them in
+/// flight: the relay finishes what it handed over, persists the cursor after the last ack
+/// and exits; the restart publishes the rest and nothing twice.
+#[test]
+fn sigterm_mid_backlog_with_batches_in_flight_publishes_no_duplicates() {
+    let world = World::new();
+    let types = ["order"];
+    let total = 20_000;
+    world.write(total, 100, 40, &types);
+    let (mut relay, port) = leader(&world, &[SMALL_BATCHES]);
+    wait_until(Duration::from_secs(120), "the relay is mid-backlog", || {
+        published(port) >= 2_000.0
+    });
+    let at_stop = published(port);
+    relay.sigterm();
+    let exit = relay
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(exit.success(), "clean exit; log:\n{}", relay.log());
+    let (cursor, last) = cursor_and_last_row(&world);
+    println!("polling SIGTERM after {at_stop} published: cursor {cursor}, last row {last}");
+
+    let (relay, _) = leader(&world, &[SMALL_BATCHES]);
+    let records = consume_n(&world, &topics(&types), total, Duration::from_secs(120));
+    let records = consume(
+        &world.kafka.brokers(),
+        &["outbox.event.order"],
+        |r| r.len() > records.len(),
+        Duration::from_secs(3),
+    );
+    let (distinct, duplicates) = check_records(&records);
+    println!("polling SIGTERM mid-backlog and restart: {distinct} distinct of {total}, {duplicates} duplicates");
+    assert_eq!(distinct, total, "log:\n{}", relay.log());
+    assert_eq!(duplicates, 0, "no duplicates after SIGTERM and restart");
+}

@@ -38,6 +38,9 @@
 //!    1-per-transaction backlogs on a slot of its own, and following the paced writer at the
 //!    first latency rate (commit to visible to a `read_committed` consumer), beside at least
 //!    once (`exactly_once`).
+//! 8. **polling mode**: the relay with `source.mode = "polling"` (its own cursor, no slot)
+//!    draining the 100- and 1-per-transaction backlogs after logical mode, and following the
+//!    paced writer at 5,000 events/s woken by `NOTIFY` (`polling.rs`).
 //!
 //! The peers drain the 100- and 1-per-transaction backlogs and follow the paced writer at
 //! 5,000 events/s; each is skipped, with the reason, when it cannot be set up.
@@ -49,8 +52,8 @@
 //! test. Run under `cargo test` or `cargo nextest` (no `--bench` argument) it does nothing: it
 //! is not a test.
 //!
-//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`, `debezium`),
-//! the relay under test (`relay`), what is read from `/proc`, `/metrics` and the broker
+//! One module per measurement (`decode`, `broker`, `backlog`, `latency`, `peer`, `debezium`,
+//! `polling`), the relay under test (`relay`), what is read from `/proc`, `/metrics` and the broker
 //! (`procfs`, `metrics`, `observe`) and the `report` (with `side_by_side`); Postgres, the brokers and child processes
 //! come from the test kit (`testkit/`).
 
@@ -65,6 +68,7 @@ mod latency;
 mod metrics;
 mod observe;
 mod peer;
+mod polling;
 mod procfs;
 mod relay;
 mod report;
@@ -88,7 +92,7 @@ use exactly_once::{Delivery, EosRuns};
 use latency::{latency_floor, latency_run};
 use peer::{peer_latency, run_peer, setup_peer};
 use procfs::clock_ticks;
-use report::{report, Extras, Latency, Shape};
+use report::{report, Extras, Latency, PollingRuns, Shape};
 use side_by_side::{report_peer, report_peer_latency, PeerRuns};
 
 /// The relay's allocator, so the null consumer and the plain producer pay what the relay pays.
@@ -189,8 +193,9 @@ struct Opts {
     /// `--no-peers`: measure the relay alone (no Debezium, no script).
     peers: bool,
     /// `--only PARTS`: run just these parts (while iterating), a comma-separated list of
-    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four), `latency` and `eos`
-    /// (exactly once: the 100 and 1 backlogs with both modes, and its latency run).
+    /// `100`, `10`, `1`, `big` (the backlogs), `backlogs` (all four), `latency`, `eos`
+    /// (exactly once: the 100 and 1 backlogs with both modes, and its latency run) and `polling`
+    /// (polling mode's drains of the 100 and 1 per transaction backlogs and its latency run).
     only: Option<Vec<String>>,
 }
 
@@ -230,10 +235,12 @@ impl Opts {
                         .map(str::to_owned)
                         .collect();
                     for part in &parts {
-                        if !["100", "10", "1", "big", "backlogs", "latency", "eos"]
+                        if !["100", "10", "1", "big", "backlogs", "latency", "eos", "polling"]
                             .contains(&part.as_str())
                         {
-                            bail!("--only takes a list of 100, 10, 1, big, backlogs, latency, eos");
+                            bail!(
+                                "--only takes a list of 100, 10, 1, big, backlogs, latency, eos, polling"
+                            );
                         }
                     }
                     opts.only = Some(parts);
@@ -302,7 +309,9 @@ fn run(opts: &Opts) -> Result<()> {
     let runs = |part: &str| {
         opts.only.as_ref().is_none_or(|only| {
             only.iter()
-                .any(|o| o == part || (o == "backlogs" && part != "latency" && part != "eos"))
+                .any(|o| {
+                    o == part || (o == "backlogs" && !["latency", "eos", "polling"].contains(&part))
+                })
         })
     };
     let peers_wanted = opts.peers && (runs("100") || runs("1") || runs("latency"));
@@ -338,6 +347,10 @@ fn run(opts: &Opts) -> Result<()> {
         Err(why) => PeerRuns::skipped(why.clone()),
     };
     let mut eos = EosRuns::default();
+    let mut polling = PollingRuns::default();
+    if runs("polling") {
+        polling::prepare(&env)?;
+    }
 
     // Each shape: decode ceiling, (broker ceiling), relay, (the peers), on one WAL.
     let mut shapes = Vec::new();
@@ -443,6 +456,8 @@ fn run(opts: &Opts) -> Result<()> {
                 .map_err(|e| format!("{e:#}"));
             exactly_once::report_drain(per_tx, &result);
             eos.drains.push((per_tx, result));
+        if side_by_side && runs("polling") {
+            polling.drains.push((per_tx, polling_drain(&env, n)));
         }
         if with_peer {
             let kafka = start_kafka()?;
@@ -494,8 +509,40 @@ fn run(opts: &Opts) -> Result<()> {
         });
     }
 
+    // Polling alone (`--only polling`): its own backlogs of the two shapes.
+    for (per_tx, tag) in [(100, "100"), (1, "1")] {
+        if runs("polling") && !runs(tag) {
+            eprintln!("[bench] writing {n} events, {per_tx} per transaction (polling only)");
+            let (write_secs, _) = write_backlog(&env, n, per_tx)?;
+            eprintln!("[bench]   written in {write_secs:.1} s");
+            polling.drains.push((per_tx, polling_drain(&env, n)));
+            pg.psql(DB, "TRUNCATE outbox.events")?;
+        }
+    }
+
     // Latency: a topic with LogAppendTime, so the broker's append time is in every record.
     let append_time = [("message.timestamp.type", "LogAppendTime")];
+    if runs("polling") {
+        let rate = opts.latency_rate;
+        eprintln!(
+            "[bench] polling latency: {rate} events/s, 1 event per transaction, NOTIFY, {} s",
+            opts.latency_secs
+        );
+        let kafka = start_kafka_with(&append_time)?;
+        let run = polling::polling_latency(&env, &kafka, rate, opts.latency_secs)
+            .map_err(|e| format!("{e:#}"));
+        match &run {
+            Ok(l) => eprintln!(
+                "[bench]   polling relay: p50 {:.2} ms, p99 {:.2} ms, max <= {} ms (histogram); commit -> append p99 {:.2} ms",
+                l.p50_ms,
+                l.p99_ms,
+                l.max_bucket_ms,
+                l.appended.map_or(f64::NAN, |a| a.p99_ms)
+            ),
+            Err(e) => eprintln!("[bench]   polling relay FAILED: {e}"),
+        }
+        polling.latency = Some(run);
+    }
     let mut latency = None;
     let mut latency_high = None;
     if runs("latency") {
@@ -584,9 +631,29 @@ fn run(opts: &Opts) -> Result<()> {
             debezium: &dbz,
             peer: &peer,
             eos: &eos,
+            polling: &polling,
         },
     );
     Ok(())
+}
+
+/// The polling relay's drain of the backlog in the outbox now, on a fresh broker.
+fn polling_drain(env: &Env<'_>, n: u64) -> std::result::Result<report::Drain, String> {
+    let result = start_kafka()
+        .and_then(|kafka| polling::drain_polling(env, &kafka, n))
+        .map_err(|e| format!("{e:#}"));
+    match &result {
+        Ok(d) => eprintln!(
+            "[bench]   polling relay: {:.0} events/s ({:.2} s; last ack at {:.2} s), {:.2} us CPU/event, peak RSS {:.1} MB",
+            d.eps(),
+            d.secs,
+            d.acked_secs,
+            d.cpu_us_per_event(),
+            d.peak_rss_kb as f64 / 1024.0
+        ),
+        Err(e) => eprintln!("[bench]   polling relay FAILED: {e}"),
+    }
+    result
 }
 
 /// What every phase needs.

@@ -106,6 +106,26 @@ pub struct Floor {
     pub max_ms: f64,
 }
 
+/// Polling mode's runs: its drains by events per transaction, and its latency run.
+#[derive(Default)]
+pub struct PollingRuns {
+    pub drains: Vec<(u64, std::result::Result<Drain, String>)>,
+    pub latency: Option<std::result::Result<Latency, String>>,
+}
+
+impl PollingRuns {
+    pub fn drain(&self, per_tx: u64) -> Option<&Drain> {
+        self.drains
+            .iter()
+            .find(|(p, _)| *p == per_tx)
+            .and_then(|(_, d)| d.as_ref().ok())
+    }
+
+    pub fn latency(&self) -> Option<&Latency> {
+        self.latency.as_ref().and_then(|l| l.as_ref().ok())
+    }
+}
+
 /// Everything measured besides the relay's backlog shapes.
 pub struct Extras<'a> {
     pub broker: Option<Rate>,
@@ -118,6 +138,7 @@ pub struct Extras<'a> {
     pub peer: &'a PeerRuns,
     /// The relay in exactly-once mode.
     pub eos: &'a EosRuns,
+    pub polling: &'a PollingRuns,
 }
 
 pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
@@ -263,6 +284,7 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         None => {}
     }
 
+    polling_section(&mut out, shapes, x.polling);
     let vs_debezium = side_by_side(&mut out, opts, shapes, x);
     report_eos(&mut out, shapes, x.eos, x.latency);
     print!("{out}");
@@ -298,6 +320,14 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         .collect();
     if let Some(Err(e)) = x.latency_high {
         failures.push(format!("latency (higher rate): {}", first_line(e)));
+    }
+    for (per_tx, d) in &x.polling.drains {
+        if let Err(e) = d {
+            failures.push(format!("polling {per_tx} / tx: {}", first_line(e)));
+        }
+    }
+    if let Some(Err(e)) = &x.polling.latency {
+        failures.push(format!("polling latency: {}", first_line(e)));
     }
     failures.extend(dbz.failures("debezium"));
     failures.extend(peer.failures("peer"));
@@ -367,10 +397,71 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         "peer_latency_p50_ms": peer.latency().map(|l| l.appended.p50_ms),
         "peer_latency_p99_ms": peer.latency().map(|l| l.appended.p99_ms),
         "peer_skipped": peer.skipped.as_deref(),
+        "polling_throughput_eps": x.polling.drain(100).map(|d| d.eps()),
+        "polling_throughput_1_per_tx_eps": x.polling.drain(1).map(|d| d.eps()),
+        "polling_vs_logical_eps": x.polling.drain(100).map(|d| d.eps() / throughput),
+        "polling_vs_logical_eps_1tx": x.polling.drain(1).zip(eps_of(1)).map(|(d, l)| d.eps() / l),
+        "polling_cpu_us_per_event": x.polling.drain(100).map(|d| d.cpu_us_per_event()),
+        "polling_cpu_us_per_event_1tx": x.polling.drain(1).map(|d| d.cpu_us_per_event()),
+        "polling_peak_rss_mb": x.polling.drains.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.peak_rss_kb)).max().map(mb),
+        "polling_latency_p50_ms": x.polling.latency().map(|l| l.p50_ms),
+        "polling_latency_p99_ms": x.polling.latency().map(|l| l.p99_ms),
+        "polling_latency_append_p99_ms": x.polling.latency().and_then(|l| l.appended).map(|a| a.p99_ms),
+        "polling_latency_cpu_us_per_event": x.polling.latency().map(|l| l.cpu_us_per_event),
         "failures": failures,
     });
     if let Some(fields) = json.as_object_mut() {
         fields.extend(eos_json(shapes, x.eos));
     }
     println!("{json}");
+}
+
+/// Polling mode beside logical mode's drain of the same backlog.
+fn polling_section(out: &mut String, shapes: &[Shape], polling: &PollingRuns) {
+    if polling.drains.is_empty() && polling.latency.is_none() {
+        return;
+    }
+    let _ = writeln!(out, "polling mode (the (txid, seq) index; its own cursor):");
+    for (per_tx, drain) in &polling.drains {
+        let logical = shapes
+            .iter()
+            .find(|s| s.per_tx == *per_tx)
+            .and_then(|s| s.relay.as_ref().ok())
+            .map(Drain::eps);
+        match drain {
+            Ok(d) => {
+                let _ = writeln!(
+                    out,
+                    "  {per_tx:>3} / tx: {:.0} events/s ({:.2} s), {} of logical mode's rate, {:.2} us CPU/event, peak RSS {:.1} MB",
+                    d.eps(),
+                    d.secs,
+                    logical.map_or("n/a".to_string(), |l| format!("{:.2}", d.eps() / l)),
+                    d.cpu_us_per_event(),
+                    d.peak_rss_kb as f64 / 1024.0
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  {per_tx:>3} / tx: FAILED: {}", first_line(e));
+            }
+        }
+    }
+    match &polling.latency {
+        Some(Ok(l)) => {
+            let _ = writeln!(
+                out,
+                "  latency at {:.0} events/s (1 / tx, NOTIFY, relay's histogram): p50 {:.2} ms, p99 {:.2} ms, max <= {} ms; commit -> append p99 {:.2} ms; {:.2} us CPU/event, peak RSS {:.1} MB",
+                l.achieved_rate,
+                l.p50_ms,
+                l.p99_ms,
+                l.max_bucket_ms,
+                l.appended.map_or(f64::NAN, |a| a.p99_ms),
+                l.cpu_us_per_event,
+                l.peak_rss_kb as f64 / 1024.0
+            );
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "  latency FAILED: {}", first_line(e));
+        }
+        None => {}
+    }
 }

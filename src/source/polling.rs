@@ -12,6 +12,9 @@
 //! that holds the leader lock) only past contiguous Kafka acknowledgements, like the slot in
 //! logical mode. An insert trigger's `NOTIFY outbox_relay` wakes the reader at once;
 //! `source.poll_interval` bounds the wait without one, and a full batch polls again at once.
+//! No poll waits for acknowledgements: the next batch is read as soon as the previous one is
+//! handed to the producer, so several batches are in flight, bounded by the producer's queue
+//! (where publishing waits for room) as in logical mode.
 //!
 //! Shutdown stops polling between batches, waits for every ack, persists the final cursor and
 //! only then releases the lock, so a restart publishes nothing twice.
@@ -127,12 +130,16 @@ impl Queries {
         let created_ms = created.as_deref().map_or("NULL::bigint".to_owned(), |c| {
             format!("floor(extract(epoch FROM {c}) * 1000)::bigint")
         });
+        // The outbox columns are qualified (`o.`) where they must be the table's own: the
+        // select list names its casts `txid` and `seq` too, and a bare `ORDER BY txid` would
+        // sort by the cast, which no index provides; every poll would then read, convert and
+        // sort every row past the cursor instead of the next `LIMIT` rows of the index.
         let read = format!(
             "SELECT {id}::text, {at}::text, {ai}::text, {et}::text, {payload}, {headers}, \
                     {created_ms}, {txid}::text::bigint, {seq}::bigint \
-             FROM {relation} \
-             WHERE {txid} < {horizon} AND ({txid}, {seq}) > ({cursor_txid}, $2::bigint) \
-             ORDER BY {txid}, {seq} LIMIT $3::bigint",
+             FROM {relation} AS o \
+             WHERE o.{txid} < {horizon} AND (o.{txid}, o.{seq}) > ({cursor_txid}, $2::bigint) \
+             ORDER BY o.{txid}, o.{seq} LIMIT $3::bigint",
             id = q(&cols.id),
             at = q(&cols.aggregate_type),
             ai = q(&cols.aggregate_id),
@@ -164,6 +171,12 @@ impl Queries {
             backlog: backlog::Statements { gauges, retention },
         }
     }
+}
+
+/// The statement one poll runs, for `cfg` and a table shaped like `table` (`$1` cursor txid,
+/// `$2` cursor seq, `$3` limit): for tests that look at its plan.
+pub fn read_statement(cfg: &Config, table: &PollingTable) -> String {
+    Queries::new(cfg, table).read
 }
 
 /// The polling source of one leader session.
@@ -548,11 +561,15 @@ mod tests {
         assert!(q.read.contains("\"aggregatetype\"::text"), "{}", q.read);
         assert!(q
             .read
-            .contains("\"xact\" < pg_snapshot_xmin(pg_current_snapshot())"));
+            .contains("o.\"xact\" < pg_snapshot_xmin(pg_current_snapshot())"));
         assert!(q
             .read
-            .contains("(\"xact\", \"seq\") > ($1::bigint::text::xid8, $2::bigint)"));
-        assert!(q.read.contains("ORDER BY \"xact\", \"seq\" LIMIT $3"));
+            .contains("(o.\"xact\", o.\"seq\") > ($1::bigint::text::xid8, $2::bigint)"));
+        assert!(
+            q.read.contains("ORDER BY o.\"xact\", o.\"seq\" LIMIT $3"),
+            "the index's columns, not the select list's casts of the same names: {}",
+            q.read
+        );
         assert!(q.read.contains("NULL::bigint"), "no created_at column");
         assert!(q.read.contains("\"payload\"::text"));
         assert!(q.backlog.retention.is_none());
