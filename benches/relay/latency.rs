@@ -212,9 +212,26 @@ pub fn latency_run(
     let appended = append_latencies(&broker.brokers(), warm, &writer.commits_us)
         .context("reading the relay's records back")?;
 
-    let h0 = histogram(&before, "outbox_relay_end_to_end_latency_seconds");
-    let h1 = histogram(&after, "outbox_relay_end_to_end_latency_seconds");
-    let diff: Vec<(f64, f64)> = h1
+    let mut latency = from_histograms(&before, &after, count, &writer)?;
+    latency.cpu_us_per_event = cpu * 1e6 / count as f64;
+    latency.peak_rss_kb = peak_rss_kb;
+    latency.appended = Some(appended);
+    latency.visible = visible;
+    Ok(latency)
+}
+
+/// The relay's commit-to-ack quantiles over `count` paced events, from its histogram scraped
+/// `before` and `after` them (bucket-interpolated like Prometheus' `histogram_quantile`), with
+/// the writer's figures; CPU, memory and the per-record measurements are the caller's to add.
+pub fn from_histograms(
+    before: &str,
+    after: &str,
+    count: u64,
+    writer: &WriterStats,
+) -> Result<Latency> {
+    let name = "outbox_relay_end_to_end_latency_seconds";
+    let h0 = histogram(before, name);
+    let diff: Vec<(f64, f64)> = histogram(after, name)
         .iter()
         .map(|&(le, c1)| {
             let c0 = h0.iter().find(|(l, _)| *l == le).map_or(0.0, |&(_, c)| c);
@@ -237,12 +254,12 @@ pub fn latency_run(
         max_bucket_ms: max_bucket * 1e3,
         writer_p99_ms: writer.commit_p99_ms,
         writer_max_late_ms: writer.max_late_ms,
-        cpu_us_per_event: cpu * 1e6 / count as f64,
-        peak_rss_kb,
+        cpu_us_per_event: 0.0,
+        peak_rss_kb: 0,
         floor: None,
         broker_floor: None,
-        appended: Some(appended),
-        visible,
+        appended: None,
+        visible: None,
     })
 }
 

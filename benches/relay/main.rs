@@ -235,8 +235,10 @@ impl Opts {
                         .map(str::to_owned)
                         .collect();
                     for part in &parts {
-                        if !["100", "10", "1", "big", "backlogs", "latency", "eos", "polling"]
-                            .contains(&part.as_str())
+                        if ![
+                            "100", "10", "1", "big", "backlogs", "latency", "eos", "polling",
+                        ]
+                        .contains(&part.as_str())
                         {
                             bail!(
                                 "--only takes a list of 100, 10, 1, big, backlogs, latency, eos, polling"
@@ -308,10 +310,9 @@ fn run(opts: &Opts) -> Result<()> {
 
     let runs = |part: &str| {
         opts.only.as_ref().is_none_or(|only| {
-            only.iter()
-                .any(|o| {
-                    o == part || (o == "backlogs" && !["latency", "eos", "polling"].contains(&part))
-                })
+            only.iter().any(|o| {
+                o == part || (o == "backlogs" && !["latency", "eos", "polling"].contains(&part))
+            })
         })
     };
     let peers_wanted = opts.peers && (runs("100") || runs("1") || runs("latency"));
@@ -456,6 +457,7 @@ fn run(opts: &Opts) -> Result<()> {
                 .map_err(|e| format!("{e:#}"));
             exactly_once::report_drain(per_tx, &result);
             eos.drains.push((per_tx, result));
+        }
         if side_by_side && runs("polling") {
             polling.drains.push((per_tx, polling_drain(&env, n)));
         }

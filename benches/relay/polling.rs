@@ -16,8 +16,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use testkit::{free_port, Relay};
 
 use crate::broker::Broker;
-use crate::latency::{paced_write, wait_published};
-use crate::metrics::{bucket_quantile, gauge, histogram, published};
+use crate::latency::{from_histograms, paced_write, wait_published};
+use crate::metrics::{gauge, published};
 use crate::observe::append_latencies;
 use crate::relay::{extra_kafka_properties, RelayProc};
 use crate::report::{Drain, Latency};
@@ -227,34 +227,9 @@ fn paced_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> Result
     relay.stop();
     let appended = append_latencies(&broker.brokers(), warm, &writer.commits_us)
         .context("reading the polling relay's records back")?;
-    let name = "outbox_relay_end_to_end_latency_seconds";
-    let h0 = histogram(&before, name);
-    let diff: Vec<(f64, f64)> = histogram(&after, name)
-        .iter()
-        .map(|&(le, c1)| {
-            let c0 = h0.iter().find(|(l, _)| *l == le).map_or(0.0, |&(_, c)| c);
-            (le, c1 - c0)
-        })
-        .collect();
-    let total = diff.last().map_or(0.0, |&(_, c)| c);
-    if total < count as f64 {
-        bail!("the latency histogram counted {total} of {count} events");
-    }
-    let max_bucket = diff
-        .iter()
-        .find(|&&(_, c)| c >= total)
-        .map_or(f64::INFINITY, |&(le, _)| le);
-    Ok(Latency {
-        events: count,
-        achieved_rate: count as f64 / writer.secs,
-        p50_ms: bucket_quantile(0.5, &diff) * 1e3,
-        p99_ms: bucket_quantile(0.99, &diff) * 1e3,
-        max_bucket_ms: max_bucket * 1e3,
-        writer_p99_ms: writer.commit_p99_ms,
-        writer_max_late_ms: writer.max_late_ms,
-        cpu_us_per_event: cpu * 1e6 / count as f64,
-        peak_rss_kb,
-        floor: None,
-        appended: Some(appended),
-    })
+    let mut latency = from_histograms(&before, &after, count, &writer)?;
+    latency.cpu_us_per_event = cpu * 1e6 / count as f64;
+    latency.peak_rss_kb = peak_rss_kb;
+    latency.appended = Some(appended);
+    Ok(latency)
 }
