@@ -127,27 +127,7 @@ pub fn broker_ceiling(broker: &dyn Broker, n: u64) -> Result<Rate> {
             g % 0xfff,
             g.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16
         );
-        let headers = OwnedHeaders::new_with_capacity(5)
-            .insert(Header {
-                key: "id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some("OrderPlaced"),
-            })
-            .insert(Header {
-                key: "aggregate_type",
-                value: Some("order"),
-            })
-            .insert(Header {
-                key: "pg_lsn",
-                value: Some(lsn),
-            })
-            .insert(Header {
-                key: "trace_id",
-                value: Some(trace.as_str()),
-            });
+        let headers = record_headers(&id, lsn, &trace);
         let mut record = BaseRecord::to(TOPIC)
             .key(key.as_str())
             .payload(value.as_str())
@@ -251,27 +231,7 @@ pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor
         trace.clear();
         event_fields(g, &mut key, &mut value, &mut trace);
         let id = format!("{g:036}");
-        let headers = OwnedHeaders::new_with_capacity(5)
-            .insert(Header {
-                key: "id",
-                value: Some(id.as_str()),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some("OrderPlaced"),
-            })
-            .insert(Header {
-                key: "aggregate_type",
-                value: Some("order"),
-            })
-            .insert(Header {
-                key: "pg_lsn",
-                value: Some("0/1A2B3C48"),
-            })
-            .insert(Header {
-                key: "trace_id",
-                value: Some(trace.as_str()),
-            });
+        let headers = record_headers(&id, "0/1A2B3C48", &trace);
         let sent = crate::procfs::unix_micros() as usize;
         let record = BaseRecord::with_opaque_to(FLOOR_TOPIC, sent)
             .key(key.as_str())
@@ -306,20 +266,31 @@ pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor
     );
     // Reports come in send order per partition, nearly in send order overall: the warm-up's
     // are the first `warm` of them.
-    let mut measured: Vec<f64> = all[(warm as usize).min(all.len())..]
+    let measured: Vec<f64> = all[(warm as usize).min(all.len())..]
         .iter()
         .map(|&us| us as f64 / 1e3)
         .collect();
-    measured.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        measured
-            .get(((measured.len() as f64 * q) as usize).min(measured.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    Ok(Floor {
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        max_ms: measured.last().copied().unwrap_or(f64::NAN),
-    })
+    Ok(Floor::from_samples(measured))
+}
+
+/// The five headers the relay puts on every bench record (`id`, `event_type`,
+/// `aggregate_type`, `pg_lsn`, the row's `trace_id`).
+fn record_headers(id: &str, lsn: &str, trace: &str) -> OwnedHeaders {
+    [
+        ("id", id),
+        ("event_type", "OrderPlaced"),
+        ("aggregate_type", "order"),
+        ("pg_lsn", lsn),
+        ("trace_id", trace),
+    ]
+    .into_iter()
+    .fold(
+        OwnedHeaders::new_with_capacity(5),
+        |headers, (key, value)| {
+            headers.insert(Header {
+                key,
+                value: Some(value),
+            })
+        },
+    )
 }

@@ -317,16 +317,10 @@ impl VisibleFollower {
                 self.count
             );
         }
-        let mut ms: Vec<f64> = seen
+        let ms: Vec<f64> = seen
             .iter()
             .map(|(&g, &at)| (at - commits_us[(g - self.first) as usize]) as f64 / 1e3)
             .collect();
-        ms.sort_by(f64::total_cmp);
-        let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
-        Ok(Appended {
-            p50_ms: at(0.5),
-            p99_ms: at(0.99),
-            max_ms: ms[ms.len() - 1],
-        })
+        Ok(Appended::from_samples(ms))
     }
 }

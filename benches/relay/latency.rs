@@ -52,19 +52,8 @@ pub fn latency_floor(env: &Env<'_>, opts: &Opts) -> Result<Floor> {
     })?;
     drop_slot(env, slot)?;
     env.pg.psql(DB, "TRUNCATE outbox.events")?;
-    let mut measured = latencies.split_off((warm as usize).min(latencies.len()));
-    measured.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        measured
-            .get(((measured.len() as f64 * q) as usize).min(measured.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    Ok(Floor {
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        max_ms: measured.last().copied().unwrap_or(f64::NAN),
-    })
+    let measured = latencies.split_off((warm as usize).min(latencies.len()));
+    Ok(Floor::from_samples(measured))
 }
 
 /// Follows `slot` like [`null_consume`] until `n` inserts, returning each transaction's
@@ -154,13 +143,7 @@ pub fn latency_run(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Warm-up (topic metadata, connections), not measured.
-    let warm = rate * WARM_UP_SECS;
-    env.rt
-        .block_on(paced_write(env.url.to_owned(), rate, warm, 0))
-        .context("warm-up writer")?;
-    wait_published(&mut relay, warm)?;
-    let before = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
+    let (warm, before) = warm_up(env, &mut relay, rate)?;
     let cpu_before = relay.cpu_secs(env.clk_tck);
     let count = rate * secs;
     let follower = match delivery {
@@ -261,6 +244,18 @@ pub fn from_histograms(
         appended: None,
         visible: None,
     })
+}
+
+/// Paced writing for [`WARM_UP_SECS`] (topic metadata, connections, a fresh broker's JIT), not
+/// measured: returns the events written and the relay's `/metrics` after it published them.
+pub fn warm_up(env: &Env<'_>, relay: &mut RelayProc, rate: u64) -> Result<(u64, String)> {
+    let warm = rate * WARM_UP_SECS;
+    env.rt
+        .block_on(paced_write(env.url.to_owned(), rate, warm, 0))
+        .context("warm-up writer")?;
+    wait_published(relay, warm)?;
+    let before = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
+    Ok((warm, before))
 }
 
 pub fn wait_published(relay: &mut RelayProc, n: u64) -> Result<()> {

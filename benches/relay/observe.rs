@@ -154,12 +154,7 @@ pub fn order_id(value: &[u8]) -> Option<u64> {
 
 /// Commit-to-append latency quantiles (exact over events, 1 ms resolution of the broker's
 /// clock).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Appended {
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-}
+pub type Appended = crate::report::Floor;
 
 /// Reads the topic (created with `message.timestamp.type=LogAppendTime`) from the beginning
 /// until it has seen events `first..first + commits_us.len()`, and returns, for each, the
@@ -203,15 +198,9 @@ pub fn append_latencies(brokers: &str, first: u64, commits_us: &[i64]) -> Result
             *slot = ts;
         }
     }
-    let mut ms: Vec<f64> = appended
+    let ms: Vec<f64> = appended
         .iter()
         .map(|(&g, &ts)| (ts * 1000 - commits_us[(g - first) as usize]) as f64 / 1e3)
         .collect();
-    ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
-    Ok(Appended {
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        max_ms: ms[ms.len() - 1],
-    })
+    Ok(Appended::from_samples(ms))
 }

@@ -16,12 +16,12 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use testkit::{free_port, Relay};
 
 use crate::broker::Broker;
-use crate::latency::{from_histograms, paced_write, wait_published};
+use crate::latency::{from_histograms, paced_write, wait_published, warm_up};
 use crate::metrics::{gauge, published};
 use crate::observe::append_latencies;
 use crate::relay::{extra_kafka_properties, RelayProc};
 use crate::report::{Drain, Latency};
-use crate::{Env, DB, SCRAPE_EVERY, STALL, WARM_UP_SECS};
+use crate::{Env, DB, SCRAPE_EVERY, STALL};
 
 /// The `(txid, seq)` index `outbox-relay init` creates in polling mode.
 const INDEX_SQL: &str =
@@ -208,12 +208,7 @@ fn paced_run(env: &Env<'_>, broker: &dyn Broker, rate: u64, secs: u64) -> Result
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let warm = rate * WARM_UP_SECS;
-    env.rt
-        .block_on(paced_write(env.url.to_owned(), rate, warm, 0))
-        .context("warm-up writer")?;
-    wait_published(&mut relay, warm)?;
-    let before = relay.metrics().ok_or_else(|| anyhow!("no /metrics"))?;
+    let (warm, before) = warm_up(env, &mut relay, rate)?;
     let cpu_before = relay.cpu_secs(env.clk_tck);
     let count = rate * secs;
     let writer = env

@@ -99,11 +99,30 @@ pub struct Latency {
     pub visible: Option<Appended>,
 }
 
+/// Exact latency quantiles in milliseconds: a floor (the null consumer, the plain producer) or
+/// a per-record measurement (`observe::Appended`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Floor {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+}
+
+impl Floor {
+    /// The exact quantiles of latencies in milliseconds (NaN when there are none).
+    pub fn from_samples(mut ms: Vec<f64>) -> Floor {
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        Floor {
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: ms.last().copied().unwrap_or(f64::NAN),
+        }
+    }
 }
 
 /// Polling mode's runs: its drains by events per transaction, and its latency run.
