@@ -49,11 +49,14 @@ public class CardEventListener {
                 stats.superseded.incrementAndGet();
             }
         });
-        if (result == Inbox.Result.APPLIED) {
-            stats.applied.incrementAndGet();
-        } else {
-            stats.duplicates.incrementAndGet();
-            log.debug("dropped a redelivered event: {}", Inbox.eventId(record));
+        switch (result) {
+            case APPLIED -> stats.applied.incrementAndGet();
+            case DUPLICATE -> {
+                stats.duplicates.incrementAndGet();
+                log.debug("dropped a redelivered event: {}", Inbox.eventId(record));
+            }
+            case DEAD_LETTER -> log.warn("skipped a dead-letter record at {}-{}@{}: {}", record.topic(),
+                    record.partition(), record.offset(), Inbox.header(record, "dlq_error").orElse("?"));
         }
     }
 

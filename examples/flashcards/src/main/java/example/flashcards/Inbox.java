@@ -44,7 +44,13 @@ public final class Inbox {
         /** First delivery: the effects ran and committed with the id. */
         APPLIED,
         /** Seen before: nothing ran. */
-        DUPLICATE
+        DUPLICATE,
+        /**
+         * A dead-letter record (headers {@code dlq_reason}, {@code dlq_error}, {@code dlq_topic}):
+         * a row the relay could not publish as an event; nothing ran and no id was recorded.
+         * Route these to whoever fixes the producing service, not to the event handler.
+         */
+        DEAD_LETTER
     }
 
     private final JdbcTemplate jdbc;
@@ -63,6 +69,9 @@ public final class Inbox {
 
     /** Runs {@code effects} in one transaction with the record's id, unless the id was seen. */
     public Result process(ConsumerRecord<?, ?> record, Runnable effects) {
+        if (isDeadLetter(record)) {
+            return Result.DEAD_LETTER;
+        }
         UUID id = eventId(record);
         return tx.execute(status -> {
             Boolean first = jdbc.queryForObject("SELECT inbox.accept(?, ?)", Boolean.class, consumer, id);
@@ -87,6 +96,16 @@ public final class Inbox {
         return header(record, "id").map(UUID::fromString).orElseThrow(() -> new IllegalArgumentException(
                 "record " + record.topic() + "-" + record.partition() + "@" + record.offset()
                         + " has no header id: not published by outbox-relay"));
+    }
+
+    /** True for a dead-letter record: outbox-relay marks those with {@code dlq_*} headers. */
+    public static boolean isDeadLetter(ConsumerRecord<?, ?> record) {
+        for (Header header : record.headers()) {
+            if (header.key().startsWith("dlq_")) {
+                return true;
+            }
+        }
+        return false;
     }
 
     /** A header's value as text (outbox-relay's headers are UTF-8). */
