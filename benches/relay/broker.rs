@@ -233,13 +233,22 @@ pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor
         let id = format!("{g:036}");
         let headers = record_headers(&id, "0/1A2B3C48", &trace);
         let sent = crate::procfs::unix_micros() as usize;
-        let record = BaseRecord::with_opaque_to(FLOOR_TOPIC, sent)
+        let mut record = BaseRecord::with_opaque_to(FLOOR_TOPIC, sent)
             .key(key.as_str())
             .payload(value.as_str())
             .headers(headers)
             .timestamp(unix_ms());
-        if let Err((e, _)) = producer.send(record) {
-            bail!("produce: {e}");
+        // A full queue (the broker a second or more behind) waits for room, as the relay
+        // does: the wait is part of the record's latency.
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => bail!("produce: {e}"),
+            }
         }
     }
     let deadline = Instant::now() + Duration::from_secs(60);
