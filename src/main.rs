@@ -26,7 +26,8 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
 /// The purge delay the relay runs with, in ms (mimalloc 3's default is 1,000). Freed record
 /// buffers then return to the OS within 10 ms instead of a second, where they piled up in a
-/// drain: peak RSS 15 to 25 MB lower in the benchmark's drains at the same throughput.
+/// drain: peak RSS 17 to 25 MB lower in the benchmark's full drains (docs/PERFORMANCE.md,
+/// "Memory", for what it may cost in throughput).
 const PURGE_DELAY_MS: std::ffi::c_long = 10;
 
 /// Applies the relay's allocator options, unless the operator set them through mimalloc's
