@@ -28,6 +28,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// librdkafka's default `transaction.timeout.ms`; records may wait in the queue as long.
 const TRANSACTION_TIMEOUT_MS: &str = "60000";
 
+/// The progress reader's prefetch bound (`queued.max.messages.kbytes`).
+const PROGRESS_QUEUE_KBYTES: &str = "1024";
+
 /// The `transactional.id` of a relay with `identity`: the same for every relay that serves
 /// that source, so the one that takes over fences the one before.
 pub fn transactional_id(identity: &str) -> String {
@@ -163,19 +166,7 @@ fn parse_progress<P: Progress>(value: &str) -> Option<Recorded<P>> {
 /// progress topic from the start to its end with `isolation.level = read_committed`. `None`
 /// when there is none, or the last one is a tombstone.
 async fn read_progress(cfg: &KafkaConfig, identity: &str) -> Result<Option<String>, SinkError> {
-    let mut config = admin_config(cfg);
-    config
-        .set("group.id", "outbox-relay-progress")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        // The end shows as a fetch that comes back empty, which the broker holds this long
-        // (and the watermark requests of the end check queue behind it): at the default,
-        // 500 ms, a start waited about 1.3 s more than it does with this.
-        .set("fetch.wait.max.ms", "10");
-    let mut probe = config.clone();
-    probe.set("isolation.level", "read_uncommitted");
-    config.set("isolation.level", "read_committed");
+    let (config, probe) = progress_reader_configs(cfg);
     let topic = cfg.progress_topic.clone();
     let identity = identity.to_owned();
     let failed = |error: String| SinkError::Transaction {
@@ -226,6 +217,30 @@ async fn read_progress(cfg: &KafkaConfig, identity: &str) -> Result<Option<Strin
     .map_err(failed)
 }
 
+/// The two clients that read the progress topic: `read_committed` (the reader) and
+/// `read_uncommitted` (the probe for transactions still open). Both are dropped once read.
+fn progress_reader_configs(cfg: &KafkaConfig) -> (ClientConfig, ClientConfig) {
+    let mut config = admin_config(cfg);
+    config
+        .set("group.id", "outbox-relay-progress")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        // The end shows as a fetch that comes back empty, which the broker holds this long
+        // (and the watermark requests of the end check queue behind it): at the default,
+        // 500 ms, a start waited about 1.3 s more than it does with this.
+        .set("fetch.wait.max.ms", "10")
+        // The consumer prefetches up to this much (librdkafka's default is 64 MiB, and
+        // `fetch.max.bytes` follows it down to `message.max.bytes`): progress records are a
+        // few hundred bytes on one partition, so 1 MiB reads them as fast and keeps a long,
+        // not yet compacted topic from adding tens of MB to the relay's peak memory.
+        .set("queued.max.messages.kbytes", PROGRESS_QUEUE_KBYTES);
+    let mut probe = config.clone();
+    probe.set("isolation.level", "read_uncommitted");
+    config.set("isolation.level", "read_committed");
+    (config, probe)
+}
+
 /// Whether no transaction is open on partition 0 of `topic`: its last stable offset (what a
 /// `read_committed` client is told is the end) is its high watermark (what a
 /// `read_uncommitted` one is told).
@@ -270,5 +285,19 @@ mod tests {
             None
         );
         assert_eq!(parse_progress::<u64>("not json"), None);
+    }
+
+    /// The progress reader prefetches at most 1 MiB (librdkafka's default is 64 MiB), and
+    /// librdkafka accepts the bound with the other settings: both clients are created.
+    #[test]
+    fn the_progress_reader_prefetches_little() {
+        let config = crate::config::Config::from_parts(None, Vec::new()).unwrap();
+        let (reader, probe) = progress_reader_configs(&config.kafka);
+        for client in [&reader, &probe] {
+            assert_eq!(client.get("queued.max.messages.kbytes"), Some("1024"));
+            let _: BaseConsumer = client.create().expect("librdkafka takes the settings");
+        }
+        assert_eq!(reader.get("isolation.level"), Some("read_committed"));
+        assert_eq!(probe.get("isolation.level"), Some("read_uncommitted"));
     }
 }
