@@ -25,10 +25,10 @@ extern "C" {
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
 /// The purge delay the relay runs with, in ms (mimalloc 3's default is 1,000). Freed record
-/// buffers then return to the OS within 10 ms instead of a second, where they piled up in a
-/// drain: peak RSS 17 to 25 MB lower in the benchmark's full drains (docs/PERFORMANCE.md,
-/// "Memory", for what it may cost in throughput).
-const PURGE_DELAY_MS: std::ffi::c_long = 10;
+/// buffers then return to the OS within 100 ms instead of a second, where they piled up in a
+/// drain: peak RSS 14 to 18 MB lower in the benchmark's full drains at the same CPU per event
+/// (10 ms cut a little more but cost CPU; docs/PERFORMANCE.md, "Memory").
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
 /// Applies the relay's allocator options, unless the operator set them through mimalloc's
 /// environment (`MIMALLOC_PURGE_DELAY`).
@@ -201,7 +201,7 @@ mod tests {
     /// mimalloc 3's default for that option (1,000 ms; its neighbours default to 1 and 0),
     /// and after, the relay's value.
     #[test]
-    fn the_allocator_purges_freed_memory_within_10_ms() {
+    fn the_allocator_purges_freed_memory_sooner_than_its_default() {
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
             return;
         }
