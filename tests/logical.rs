@@ -189,7 +189,20 @@ fn insert_and_delete_publishes_once_and_other_changes_publish_nothing() {
         |r| r.len() >= 4,
         Duration::from_secs(60),
     );
-    assert_eq!(records.len(), 4, "log:\n{}", relay.log());
+    assert_eq!(
+        records.len(),
+        4,
+        "records (partition, offset, key): {:?}\nlog:\n{}",
+        records
+            .iter()
+            .map(|r| (
+                r.partition,
+                r.offset,
+                String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned()
+            ))
+            .collect::<Vec<_>>(),
+        relay.log()
+    );
     // Partitions are read independently, so the marker alone proves nothing: read everything
     // again, giving anything extra a few seconds to show up.
     let mut records = consume(
