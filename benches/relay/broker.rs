@@ -128,21 +128,12 @@ pub fn broker_ceiling(broker: &dyn Broker, n: u64) -> Result<Rate> {
             g.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16
         );
         let headers = record_headers(&id, lsn, &trace);
-        let mut record = BaseRecord::to(TOPIC)
+        let record = BaseRecord::to(TOPIC)
             .key(key.as_str())
             .payload(value.as_str())
             .headers(headers)
             .timestamp(unix_ms());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => bail!("produce: {e}"),
-            }
-        }
+        send_waiting(&producer, record)?;
     }
     let deadline = Instant::now() + Duration::from_secs(120 + n / 2000);
     while acked.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < n {
@@ -233,23 +224,12 @@ pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor
         let id = format!("{g:036}");
         let headers = record_headers(&id, "0/1A2B3C48", &trace);
         let sent = crate::procfs::unix_micros() as usize;
-        let mut record = BaseRecord::with_opaque_to(FLOOR_TOPIC, sent)
+        let record = BaseRecord::with_opaque_to(FLOOR_TOPIC, sent)
             .key(key.as_str())
             .payload(value.as_str())
             .headers(headers)
             .timestamp(unix_ms());
-        // A full queue (the broker a second or more behind) waits for room, as the relay
-        // does: the wait is part of the record's latency.
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => bail!("produce: {e}"),
-            }
-        }
+        send_waiting(&producer, record)?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -302,4 +282,22 @@ fn record_headers(id: &str, lsn: &str, trace: &str) -> OwnedHeaders {
             })
         },
     )
+}
+
+/// Sends `record`; a full queue (the broker a second or more behind) waits for room, as the
+/// relay does, and the wait counts in the record's latency.
+fn send_waiting<C: ProducerContext>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, str, str, C::DeliveryOpaque>,
+) -> Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => bail!("produce: {e}"),
+        }
+    }
 }
