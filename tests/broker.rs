@@ -134,61 +134,63 @@ fn broker_outage_under_a_steady_writer(how: Outage) {
 
     let committed = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    let (first_in_outage, confirmed_in_outage, total, second) = std::thread::scope(|scope| {
-        let writer = scope.spawn(|| steady_writer(&pg, 8, 20, &committed, &stop));
-        let published = format!("outbox_relay_events_published_total{{topic=\"{ORDERS}\"}}");
-        wait_until(Duration::from_secs(60), "40 events published", || {
-            metric(port, &published).is_some_and(|n| n >= 40.0)
-        });
+    let (first_in_outage, confirmed_in_outage, total, first, second) =
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| steady_writer(&pg, 8, 20, &committed, &stop));
+            let published = format!("outbox_relay_events_published_total{{topic=\"{ORDERS}\"}}");
+            wait_until(Duration::from_secs(60), "40 events published", || {
+                metric(port, &published).is_some_and(|n| n >= 40.0)
+            });
 
-        match how {
-            Outage::Stop => kafka.stop(),
-            Outage::Kill => kafka.kill(),
-        }
-        let down = Instant::now();
-        // Committed after the broker went down: it cannot be in Kafka before it is back.
-        let first_in_outage = committed.load(Ordering::SeqCst);
-        wait_until(
-            Duration::from_secs(30),
-            "not ready while the broker is down",
-            || !ready(port),
-        );
-        let report = status(port);
-        assert_eq!(report["kafka_reachable"], false, "{report}");
-        wait_until(
-            Duration::from_secs(60),
-            "a 10 s outage with 100 events written in it",
-            || {
-                down.elapsed() >= Duration::from_secs(10)
-                    && committed.load(Ordering::SeqCst) >= first_in_outage + 100
-            },
-        );
-        let confirmed_in_outage = confirmed_lsn(&pg);
+            match how {
+                Outage::Stop => kafka.stop(),
+                Outage::Kill => kafka.kill(),
+            }
+            let down = Instant::now();
+            // Committed after the broker went down: it cannot be in Kafka before it is back.
+            let first_in_outage = committed.load(Ordering::SeqCst);
+            wait_until(
+                Duration::from_secs(30),
+                "not ready while the broker is down",
+                || !ready(port),
+            );
+            let report = status(port);
+            assert_eq!(report["kafka_reachable"], false, "{report}");
+            wait_until(
+                Duration::from_secs(60),
+                "a 10 s outage with 100 events written in it",
+                || {
+                    down.elapsed() >= Duration::from_secs(10)
+                        && committed.load(Ordering::SeqCst) >= first_in_outage + 100
+                },
+            );
+            let confirmed_in_outage = confirmed_lsn(&pg);
 
-        kafka.start_again();
-        wait_until(
-            Duration::from_secs(60),
-            "ready once the broker is back",
-            || ready(port),
-        );
-        // Whatever it holds in flight now dies with it: the next relay must resend it.
-        relay.kill9();
-        let port = free_port().expect("free port");
-        let mut second = Relay::start(&world_config(port), &[]);
-        second.wait_ready(port, Duration::from_secs(60));
-        let resumed = committed.load(Ordering::SeqCst);
-        wait_until(Duration::from_secs(60), "40 more events written", || {
-            committed.load(Ordering::SeqCst) >= resumed + 40
+            kafka.start_again();
+            wait_until(
+                Duration::from_secs(60),
+                "ready once the broker is back",
+                || ready(port),
+            );
+            // Whatever it holds in flight now dies with it: the next relay must resend it.
+            relay.kill9();
+            let port = free_port().expect("free port");
+            let mut second = Relay::start(&world_config(port), &[]);
+            second.wait_ready(port, Duration::from_secs(60));
+            let resumed = committed.load(Ordering::SeqCst);
+            wait_until(Duration::from_secs(60), "40 more events written", || {
+                committed.load(Ordering::SeqCst) >= resumed + 40
+            });
+            stop.store(true, Ordering::Relaxed);
+            writer.join().expect("writer");
+            (
+                first_in_outage,
+                confirmed_in_outage,
+                committed.load(Ordering::SeqCst),
+                relay,
+                second,
+            )
         });
-        stop.store(true, Ordering::Relaxed);
-        writer.join().expect("writer");
-        (
-            first_in_outage,
-            confirmed_in_outage,
-            committed.load(Ordering::SeqCst),
-            second,
-        )
-    });
 
     let records = consume_distinct(&brokers, ORDERS, total, Duration::from_secs(120));
     let (distinct, duplicates) = check_records(&records);
@@ -196,13 +198,21 @@ fn broker_outage_under_a_steady_writer(how: Outage) {
         "{how:?}: {distinct} distinct of {total}, {duplicates} duplicates; \
          {first_in_outage} written before the outage"
     );
-    assert_eq!(
-        distinct,
-        total,
-        "every event arrives; relay log:\n{}\nbroker log:\n{}",
-        second.log_tail(),
-        kafka.log()
-    );
+    if distinct != total {
+        let seen: HashSet<i64> = records.iter().map(payload_n).collect();
+        let missing: Vec<usize> = (0..total)
+            .filter(|n| !seen.contains(&(*n as i64)))
+            .collect();
+        panic!(
+            "{distinct} of {total} events arrived; missing n = {missing:?}\n{}\
+             dead letters: {}\nfirst relay log:\n{}\nsecond relay log:\n{}\nbroker log:\n{}",
+            partition_report(&brokers, ORDERS, &records),
+            consume(&brokers, &[DEAD_LETTERS], |_| false, Duration::from_secs(3)).len(),
+            first.log(),
+            second.log(),
+            kafka.log()
+        );
+    }
     assert_confirmed_before(&pg, &confirmed_in_outage, &records, first_in_outage as i64);
 }
 

@@ -297,6 +297,61 @@ fn reserved_row_headers_are_dropped_and_counted() {
     });
 }
 
+/// A produce request refused with "not leader for partition" while a later request of the
+/// same partition is already in flight and then succeeds: librdkafka reports the refused
+/// records delivered ("implicitly acked"), though the broker never wrote them. This is what a
+/// partition whose leadership is just arriving at a broker does (a topic created a moment
+/// ago, a broker started again). The relay must not count such a report as an ack: every
+/// event still arrives, the refused ones resent.
+#[test]
+fn records_refused_before_a_later_success_are_resent_not_counted_delivered() {
+    let world = Mocked::start(&[]);
+    let publish = |n: u32| {
+        world.psql(&format!(
+            "SELECT outbox.publish('order', 'agg-1', 'E', '{{\"n\": {n}}}')"
+        ))
+    };
+    // The producer is connected and has its producer id before the broker turns slow.
+    let first = publish(0);
+    let warm = world.read(EVENTS, |r| !r.is_empty(), Duration::from_secs(60));
+    assert_eq!(distinct_ids(&warm), HashSet::from([first.clone()]));
+
+    // Every answer takes 300 ms, and the next produce request is refused: the request after it
+    // (sent 100 ms later, one partition, pipelined) succeeds while the refused one waits to be
+    // retried.
+    world
+        .mock
+        .broker_round_trip_time(1, Duration::from_millis(300))
+        .unwrap();
+    world.fail_produce(
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        1,
+    );
+    let mut ids = vec![first];
+    for n in 1..=4 {
+        ids.push(publish(n));
+        // Pacing, not waiting: each event in its own produce request.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world
+        .mock
+        .broker_round_trip_time(1, Duration::from_millis(0))
+        .unwrap();
+    let expected: HashSet<String> = ids.into_iter().collect();
+    let records = world.read(
+        EVENTS,
+        |r| distinct_ids(r).is_superset(&expected),
+        Duration::from_secs(60),
+    );
+    let arrived = distinct_ids(&records);
+    let missing: Vec<&String> = expected.difference(&arrived).collect();
+    assert!(
+        missing.is_empty(),
+        "events reported delivered but never written: {missing:?}\nlog:\n{}",
+        world.relay.log()
+    );
+}
+
 /// SIGTERM while Kafka is unreachable and the producer queue is full ends the relay within
 /// the drain deadline, without confirming what Kafka never acknowledged: a relay started
 /// once Kafka is back publishes every event.

@@ -192,7 +192,7 @@ fn insert_and_delete_publishes_once_and_other_changes_publish_nothing() {
     assert_eq!(
         records.len(),
         4,
-        "records (partition, offset, key): {:?}\nlog:\n{}",
+        "records (partition, offset, key): {:?}\n{}log:\n{}",
         records
             .iter()
             .map(|r| (
@@ -201,6 +201,7 @@ fn insert_and_delete_publishes_once_and_other_changes_publish_nothing() {
                 String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned()
             ))
             .collect::<Vec<_>>(),
+        partition_report(&world.kafka.brokers(), "outbox.event.order", &records),
         relay.log()
     );
     // Partitions are read independently, so the marker alone proves nothing: read everything

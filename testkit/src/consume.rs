@@ -86,6 +86,41 @@ pub fn consume(
     records
 }
 
+/// What the broker holds in `topic` beside what `records` saw of it, per partition: its low
+/// and high offsets, and how many records (and which offsets) were read. Told when records are
+/// missing: a high offset above what was read means the reader missed them; equal means they
+/// never reached the broker.
+pub fn partition_report(brokers: &str, topic: &str, records: &[Record]) -> String {
+    let consumer: BaseConsumer = match client_config(brokers).create() {
+        Ok(c) => c,
+        Err(e) => return format!("no client for the partition report: {e}"),
+    };
+    let partitions = match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+        Ok(md) => md
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        Err(e) => return format!("no metadata for {topic}: {e}"),
+    };
+    let mut report = String::new();
+    for p in partitions {
+        let seen: Vec<i64> = records
+            .iter()
+            .filter(|r| r.topic == topic && r.partition == p)
+            .map(|r| r.offset)
+            .collect();
+        let watermarks = consumer.fetch_watermarks(topic, p, Duration::from_secs(10));
+        report.push_str(&format!(
+            "{topic}[{p}]: broker offsets {watermarks:?}, read {} (offsets {:?}..={:?})\n",
+            seen.len(),
+            seen.iter().min(),
+            seen.iter().max()
+        ));
+    }
+    report
+}
+
 fn assign_new_partitions(
     consumer: &BaseConsumer,
     topics: &[&str],

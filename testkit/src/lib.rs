@@ -43,7 +43,7 @@ mod relay;
 mod tansu;
 mod world;
 
-pub use consume::{consume, java_partition, murmur2, Record};
+pub use consume::{consume, java_partition, murmur2, partition_report, Record};
 pub use example::{flashcards_dir, flashcards_jar, http_request, jdbc_url, Flashcards};
 pub use http::{http_get, metric, ready, scrape, status};
 pub use kafka::{java_bin, kafka_libs, maven_fetch, Kafka, KafkaOptions, KAFKA_VERSION};

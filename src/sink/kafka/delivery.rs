@@ -82,6 +82,21 @@ pub struct DeliveryContext<P> {
     pub(super) last_topic: Mutex<Option<(String, IntCounter)>>,
     /// The producer's `batch.size`: a refused record bigger than this was alone in its batch.
     pub(super) batch_bytes: usize,
+    /// The broker answers with offsets (`acks` is not 0): a success without one was not
+    /// confirmed by the broker (see [`unconfirmed`]).
+    pub(super) offsets_expected: bool,
+}
+
+/// A success report for a record the broker never gave an offset. librdkafka's idempotent
+/// producer reports the records of a failed request as delivered when a later request of the
+/// same partition succeeds ("implicitly acked"), assuming the failed one was written after
+/// all; after a refusal such as "not leader for partition" (a partition whose leadership is
+/// just moving to the broker: a new topic, a broker coming back) it was not, and the records
+/// are lost although reported delivered. A genuine acknowledgement always carries the
+/// record's offset, so one without is treated as a failure: the session resends from the
+/// confirmed position (duplicates, never a loss).
+fn unconfirmed(offset: i64, offsets_expected: bool) -> bool {
+    offsets_expected && offset < 0
 }
 
 impl<P> DeliveryContext<P> {
@@ -137,6 +152,29 @@ impl<P: Copy + Ord + Send + Sync> ProducerContext for DeliveryContext<P> {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        if let Ok(message) = result {
+            if unconfirmed(message.offset(), self.offsets_expected) {
+                self.shared
+                    .metrics
+                    .publish_errors
+                    .with_label_values(&[error_kind(None)])
+                    .inc();
+                // The rest of the failed request's records follow: say it once.
+                if self.shared.failure().is_none() {
+                    tracing::warn!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        "kafka reported a record delivered without an offset (a request before it had failed); resending from the confirmed position"
+                    );
+                }
+                self.shared.fail(format!(
+                    "kafka reported a record of {} [{}] delivered without an offset: it may not have been written",
+                    message.topic(),
+                    message.partition()
+                ));
+                return;
+            }
+        }
         if opaque == PROGRESS_OPAQUE {
             // The progress record acknowledges no unit; its failure fails the transaction.
             if let Err((error, message)) = result {

@@ -26,6 +26,11 @@ pub(super) const DEFAULT_QUEUE_KBYTES: &str = "65536";
 
 /// Upper bound between checks for a missing topic.
 pub(super) const MISSING_TOPIC_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a topic's first record waits for every partition's leader to take requests (see
+/// `KafkaSink::wait_for_leaders`); past it records are sent anyway.
+pub(super) const LEADERS_WAIT: Duration = Duration::from_secs(10);
+/// How often the partitions' leaders are asked again meanwhile.
+pub(super) const LEADERS_RETRY: Duration = Duration::from_millis(100);
 /// How often the log repeats that a topic is missing.
 pub(super) const MISSING_TOPIC_LOG_EVERY: Duration = Duration::from_secs(60);
 

@@ -124,6 +124,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
                 refused: tx.clone(),
                 last_topic: Mutex::new(None),
                 batch_bytes,
+                offsets_expected: client.get("acks").is_none_or(|acks| acks != "0"),
             })
             .map_err(SinkError::Create)?;
         let admin = admin_config(cfg).create().map_err(SinkError::Create)?;

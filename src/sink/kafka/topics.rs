@@ -43,6 +43,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             wait = (wait * 2).min(MISSING_TOPIC_RETRY_MAX);
         }
         self.state.set_missing_topic(None);
+        self.wait_for_leaders(topic).await;
         tracing::info!(topic, "topic ready");
         self.known_topics.insert(topic.to_owned());
         self.topics_in_use
@@ -70,6 +71,51 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             }
         }
         Ok(())
+    }
+
+    /// Waits (at most [`LEADERS_WAIT`]) until the leader of every partition of `topic` answers
+    /// for it. A topic created a moment ago, or one on a broker just started again, is in the
+    /// metadata before its leaders take requests: a first produce request refused "not leader"
+    /// while a later one succeeds makes librdkafka report the refused records delivered. The
+    /// delivery callback does not count those as acks (the session restarts, resending
+    /// them twice), and waiting here keeps a new topic's first events from causing that.
+    async fn wait_for_leaders(&self, topic: &str) {
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        let waited = tokio::task::spawn_blocking(move || {
+            let client = producer.client();
+            let deadline = Instant::now() + LEADERS_WAIT;
+            loop {
+                let answered = client
+                    .fetch_metadata(Some(&name), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|md| {
+                        let topic = md.topics().iter().find(|t| t.name() == name)?;
+                        let ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+                        Some(
+                            !ids.is_empty()
+                                && ids.iter().all(|&p| {
+                                    client
+                                        .fetch_watermarks(&name, p, Duration::from_secs(2))
+                                        .is_ok()
+                                }),
+                        )
+                    })
+                    .unwrap_or(false);
+                if answered || Instant::now() >= deadline {
+                    return answered;
+                }
+                std::thread::sleep(LEADERS_RETRY);
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !waited {
+            tracing::debug!(
+                topic,
+                "not every partition leader answered yet; sending anyway"
+            );
+        }
     }
 
     /// Whether the broker knows `topic` (with `create_topics = false`).
