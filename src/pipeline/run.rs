@@ -117,7 +117,10 @@ impl<S: Source, K: Sink<S::Position>> Pipeline<S, K> {
                         }
                         match ready(self.source.next()) {
                             Some(input) => self.handle(input).await?,
-                            None => break,
+                            None => {
+                                self.sink.caught_up();
+                                break;
+                            }
                         }
                     }
                 }

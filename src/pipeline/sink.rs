@@ -67,6 +67,9 @@ pub trait Sink<P>: Send {
         async { Ok(()) }
     }
 
+    /// The source has nothing more ready: what waits to be batched may be sent now.
+    fn caught_up(&self) {}
+
     /// After a fault: a transactional sink aborts its open transaction.
     fn abort(&mut self) -> impl Future<Output = ()> + Send {
         async {}
@@ -117,6 +120,10 @@ impl<P: Copy + Ord + Send + Sync + 'static> Sink<P> for KafkaSink<P> {
 
     fn purge(&self) {
         KafkaSink::purge(self)
+    }
+
+    fn caught_up(&self) {
+        KafkaSink::caught_up(self)
     }
 
     async fn at_boundary(&mut self, router: &Router) -> Result<(), SinkError> {

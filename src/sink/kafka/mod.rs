@@ -27,13 +27,14 @@
 //! `delivery.rs` the delivery callback and the state it shares ([`Shared`]), `lessons.rs` what
 //! refusals taught and the delivery opaque's kind bits, `topics.rs` topic creation and
 //! waiting, `stall.rs` naming partitions short of in-sync replicas while records wait for
-//! them, `error.rs` [`SinkError`] and [`Refused`]; exactly once (`kafka.delivery`):
+//! them, `nudge.rs` sending what waits for linger once the source has nothing more ready, `error.rs` [`SinkError`] and [`Refused`]; exactly once (`kafka.delivery`):
 //! `transaction.rs` the Kafka transactions that carry the relay's progress record,
 //! `progress.rs` the transactional start and the progress topic (`docs/EXACTLY-ONCE.md`).
 
 mod delivery;
 mod error;
 mod lessons;
+mod nudge;
 mod producer;
 mod progress;
 mod stall;

@@ -14,6 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio::sync::mpsc;
 
+use super::nudge::{Nudge, NUDGE_BELOW};
 use super::stall::{watch, StallWatch, Watched};
 use super::{delivery::*, error::*, lessons::*, transaction::Transactions};
 use crate::checkpoint::UnitId;
@@ -44,6 +45,9 @@ pub struct KafkaSink<P: Copy + Ord + Send + Sync + 'static> {
     _stall: Option<StallWatch>,
     /// Exactly once: the open Kafka transaction and the progress it records.
     pub(super) txn: Option<Transactions<P>>,
+    /// Sends what waits for linger once the source has nothing more ready; `None` when the
+    /// operator set `linger.ms`.
+    nudge: Option<Nudge>,
 }
 
 /// The librdkafka settings for the producer: our defaults, then `[kafka.properties]`
@@ -136,7 +140,6 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             state: Arc::clone(&state),
         });
         Ok(Self {
-            producer,
             admin,
             known_topics: HashSet::new(),
             topics_in_use,
@@ -150,6 +153,8 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             stop: CancellationToken::new(),
             _stall: stall,
             txn: None,
+            nudge: (!cfg.properties.contains_key("linger.ms")).then(|| Nudge::start(&producer)),
+            producer,
         })
     }
 
@@ -429,6 +434,16 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
     /// Records and requests in librdkafka's local queue.
     pub fn queue_depth(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+
+    /// The source has nothing more ready: records waiting for linger may go now, unless the
+    /// producer holds a backlog (see `nudge.rs`).
+    pub fn caught_up(&self) {
+        if let Some(nudge) = &self.nudge {
+            if self.producer.in_flight_count() < NUDGE_BELOW {
+                nudge.request();
+            }
+        }
     }
 
     /// Drops whatever librdkafka still holds; used when a session ends on a fault.

@@ -1,0 +1,183 @@
+//! Sending what waits for `linger.ms` at once when the source has nothing more to give.
+//!
+//! `linger.ms` (5 ms by default) lets librdkafka fill batches from a backlog; without one it
+//! is only delay, most of an event's commit-to-ack time at a few thousand events a second.
+//! librdkafka treats linger as elapsed while a flush is under way, so when the pipeline has
+//! taken every input the source had ready and the producer holds few records, a thread of its
+//! own flushes for a moment ([`HOLD_MS`], at most once per [`EVERY`]): what waits is sent now,
+//! and what is produced meanwhile too. Draining a backlog, the source has input ready or the
+//! producer holds many records, nobody asks, and batches fill as configured. An operator's
+//! own `linger.ms` is left alone.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
+
+/// How long one nudge holds librdkafka's flushing state at most (milliseconds; it ends sooner
+/// once every record in the producer is acknowledged). What is produced meanwhile goes out
+/// at once too.
+const HOLD_MS: i32 = 1;
+
+/// At most one nudge per this long: a request per record costs the broker more than the
+/// linger saves (in the benchmark at 5,000 events/s a flush held 10 ms and repeated at once
+/// doubled the p99 now and then; one every 2 ms took the p50 from 4.2 to 1.3 ms and the p99
+/// from 10 to 6.6 ms).
+const EVERY: Duration = Duration::from_millis(2);
+
+/// Below this many records in the producer (queued or awaiting acks) the pipeline may nudge:
+/// 5,000 events/s keeps a few dozen; draining a backlog keeps thousands, and linger fills
+/// batches as configured.
+pub(super) const NUDGE_BELOW: i32 = 100;
+
+/// The nudging thread of one producer; stopped and joined on drop.
+pub(super) struct Nudge {
+    flags: Arc<Flags>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Flags {
+    requested: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Nudge {
+    /// Starts the thread for `producer`.
+    pub(super) fn start<C: ProducerContext + 'static>(producer: &ThreadedProducer<C>) -> Self {
+        let flags = Arc::new(Flags::default());
+        let producer = producer.clone();
+        let thread_flags = Arc::clone(&flags);
+        let thread = std::thread::Builder::new()
+            .name("kafka-nudge".into())
+            .spawn(move || run(&producer, &thread_flags))
+            .ok();
+        Self { flags, thread }
+    }
+
+    /// Asks for a nudge; cheap when one is already asked for or under way.
+    pub(super) fn request(&self) {
+        if !self.flags.requested.swap(true, Ordering::AcqRel) {
+            if let Some(thread) = &self.thread {
+                thread.thread().unpark();
+            }
+        }
+    }
+}
+
+fn run<C: ProducerContext + 'static>(producer: &ThreadedProducer<C>, flags: &Flags) {
+    loop {
+        while !flags.requested.swap(false, Ordering::AcqRel) {
+            if flags.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::park();
+        }
+        if flags.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let started = Instant::now();
+        // SAFETY: the handle lives as long as `producer`, which this thread holds a clone
+        // of; rd_kafka_flush may be called from any thread, and with delivery reports as
+        // events (as rdkafka sets it up) it only waits, never serving them here.
+        unsafe {
+            rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), HOLD_MS);
+        }
+        if let Some(rest) = (started + EVERY).checked_duration_since(Instant::now()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+impl Drop for Nudge {
+    fn drop(&mut self) {
+        self.flags.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+    use rdkafka::ClientContext;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[derive(Default, Clone)]
+    struct Delivered(Arc<AtomicUsize>);
+    impl ClientContext for Delivered {}
+    impl ProducerContext for Delivered {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            if result.is_ok() {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Waits up to `within` for `delivered` to reach `n`, asking `nudge` (if any) now and
+    /// then meanwhile, as the pipeline does while the source has nothing ready.
+    fn delivered_within(
+        delivered: &Delivered,
+        n: usize,
+        nudge: Option<&Nudge>,
+        within: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if delivered.0.load(Ordering::SeqCst) >= n {
+                return true;
+            }
+            if let Some(nudge) = nudge {
+                nudge.request();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// With a linger of a minute a record waits; a nudge sends it at once.
+    #[test]
+    fn a_nudge_sends_what_waits_for_linger() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let delivered = Delivered::default();
+        let producer: ThreadedProducer<Delivered> = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("linger.ms", "60000")
+            .create_with_context(delivered.clone())
+            .expect("producer");
+        let nudge = Nudge::start(&producer);
+
+        producer
+            .send(BaseRecord::<(), str, ()>::to("t").payload("first"))
+            .map_err(|(e, _)| e)
+            .expect("queued");
+        assert!(
+            !delivered_within(&delivered, 1, None, Duration::from_secs(2)),
+            "sent before any nudge: the linger is not what holds it"
+        );
+        assert!(
+            delivered_within(&delivered, 1, Some(&nudge), Duration::from_secs(20)),
+            "a nudge sends it"
+        );
+        // Also after the thread went back to waiting.
+        producer
+            .send(BaseRecord::<(), str, ()>::to("t").payload("second"))
+            .map_err(|(e, _)| e)
+            .expect("queued");
+        assert!(
+            delivered_within(&delivered, 2, Some(&nudge), Duration::from_secs(20)),
+            "a second nudge sends the next"
+        );
+        drop(nudge);
+    }
+}
