@@ -248,6 +248,27 @@ fn kill_nine_three_times_loses_nothing() {
     assert_eq!(distinct, total, "zero lost; relay log:\n{}", relay.log());
 }
 
+/// Reads the topics of `types` until `n` distinct events arrived (or `timeout`), then once
+/// more from the start, giving anything republished a few seconds to show up past them:
+/// (distinct events, duplicates).
+fn read_all_and_count(
+    world: &World,
+    types: &[&str],
+    n: usize,
+    timeout: Duration,
+) -> (usize, usize) {
+    let topics = topics(types);
+    let first = consume_n(world, &topics, n, timeout);
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let records = consume(
+        &world.kafka.brokers(),
+        &names,
+        |r| r.len() > first.len(),
+        Duration::from_secs(3),
+    );
+    check_records(&records)
+}
+
 #[test]
 fn sigterm_and_restart_publish_no_duplicates() {
     let world = World::new();
@@ -294,15 +315,7 @@ fn sigterm_and_restart_publish_no_duplicates() {
 
     let (relay, _) = leader(&world, &[]);
     world.write(1_000, 100, 20, &types);
-    let records = consume_n(&world, &topics(&types), 4_000, Duration::from_secs(60));
-    // Anything republished would arrive within the same read; give it a moment more.
-    let records = consume(
-        &world.kafka.brokers(),
-        &["outbox.event.order"],
-        |r| r.len() > records.len(),
-        Duration::from_secs(3),
-    );
-    let (distinct, duplicates) = check_records(&records);
+    let (distinct, duplicates) = read_all_and_count(&world, &types, 4_000, Duration::from_secs(60));
     println!("polling SIGTERM and restart: {distinct} distinct of 4000, {duplicates} duplicates");
     assert_eq!(distinct, 4_000, "log:\n{}", relay.log());
     assert_eq!(duplicates, 0, "no duplicates after SIGTERM and restart");
@@ -868,14 +881,8 @@ fn sigterm_mid_backlog_with_batches_in_flight_publishes_no_duplicates() {
     println!("polling SIGTERM after {at_stop} published: cursor {cursor}, last row {last}");
 
     let (relay, _) = leader(&world, &[SMALL_BATCHES]);
-    let records = consume_n(&world, &topics(&types), total, Duration::from_secs(120));
-    let records = consume(
-        &world.kafka.brokers(),
-        &["outbox.event.order"],
-        |r| r.len() > records.len(),
-        Duration::from_secs(3),
-    );
-    let (distinct, duplicates) = check_records(&records);
+    let (distinct, duplicates) =
+        read_all_and_count(&world, &types, total, Duration::from_secs(120));
     println!("polling SIGTERM mid-backlog and restart: {distinct} distinct of {total}, {duplicates} duplicates");
     assert_eq!(distinct, total, "log:\n{}", relay.log());
     assert_eq!(duplicates, 0, "no duplicates after SIGTERM and restart");
