@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 
 use super::error::SinkError;
@@ -86,26 +86,11 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             let client = producer.client();
             let deadline = Instant::now() + LEADERS_WAIT;
             loop {
-                let answered = client
-                    .fetch_metadata(Some(&name), Duration::from_secs(5))
-                    .ok()
-                    .and_then(|md| {
-                        let topic = md.topics().iter().find(|t| t.name() == name)?;
-                        let ids: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
-                        Some(
-                            !ids.is_empty()
-                                && ids.iter().all(|&p| {
-                                    client
-                                        .fetch_watermarks(&name, p, Duration::from_secs(2))
-                                        .is_ok()
-                                }),
-                        )
-                    })
-                    .unwrap_or(false);
-                if answered || Instant::now() >= deadline {
-                    return answered;
+                match leaders_answer(client, &name) {
+                    Some(answered) => return answered,
+                    None if Instant::now() >= deadline => return false,
+                    None => std::thread::sleep(LEADERS_RETRY),
                 }
-                std::thread::sleep(LEADERS_RETRY);
             }
         })
         .await
@@ -113,7 +98,7 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         if !waited {
             tracing::debug!(
                 topic,
-                "not every partition leader answered yet; sending anyway"
+                "not every partition leader answered (not yet, or not allowed to be asked); sending anyway"
             );
         }
     }
@@ -135,4 +120,35 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// Whether every partition of `topic` has a leader that answers ListOffsets: `Some(true)` yes,
+/// `None` not yet (no metadata, a leader not there yet), `Some(false)` not allowed to ask (no
+/// Describe on the topic: asking again will not help).
+fn leaders_answer<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Option<bool> {
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)?
+        .partitions();
+    if partitions.is_empty() {
+        return None;
+    }
+    for partition in partitions {
+        match client.fetch_watermarks(topic, partition.id(), Duration::from_secs(2)) {
+            Ok(_) => {}
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed,
+            )) => return Some(false),
+            Err(_) => return None,
+        }
+    }
+    Some(true)
 }
