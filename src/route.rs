@@ -371,6 +371,80 @@ fn user_headers(json: &str) -> Result<Headers<'_>, String> {
     if trimmed == "{}" {
         return Ok(Vec::new());
     }
+    match plain_string_members(trimmed) {
+        Some(members) => Ok(last_of_each_name(members)),
+        None => parsed_headers(trimmed),
+    }
+}
+
+/// Sorted by name; of a name given twice, the last.
+fn last_of_each_name(mut members: Headers<'_>) -> Headers<'_> {
+    // Stable sort of the reversed list: of equal names, the last given comes first and stays.
+    members.reverse();
+    members.sort_by(|a, b| a.0.cmp(&b.0));
+    members.dedup_by(|later, kept| later.0 == kept.0);
+    members
+}
+
+/// The members of a flat JSON object whose names and values are all strings without escapes
+/// (what `jsonb` prints for the usual headers, such as a trace id), borrowed, in the order
+/// given; `None` for anything else, which the JSON parser then reads (and judges).
+fn plain_string_members(json: &str) -> Option<Headers<'_>> {
+    let bytes = json.as_bytes();
+    let skip_space = |at: &mut usize| {
+        while bytes
+            .get(*at)
+            .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            *at += 1;
+        }
+    };
+    let expect = |at: &mut usize, byte: u8| -> Option<()> {
+        (bytes.get(*at) == Some(&byte)).then(|| *at += 1)
+    };
+    let mut at = 0;
+    expect(&mut at, b'{')?;
+    let mut members = Vec::with_capacity(4);
+    loop {
+        skip_space(&mut at);
+        let name = plain_string(json, &mut at)?;
+        skip_space(&mut at);
+        expect(&mut at, b':')?;
+        skip_space(&mut at);
+        let value = plain_string(json, &mut at)?;
+        members.push((Cow::Borrowed(name), Cow::Borrowed(value.as_bytes())));
+        skip_space(&mut at);
+        match bytes.get(at) {
+            Some(b',') => at += 1,
+            Some(b'}') => break,
+            _ => return None,
+        }
+    }
+    // Only the closing brace may be left: the text was trimmed.
+    (at + 1 == bytes.len()).then_some(members)
+}
+
+/// The JSON string starting at `at` if it has no escapes (and so no control characters),
+/// its text without the quotes; `at` moves past it.
+fn plain_string<'a>(json: &'a str, at: &mut usize) -> Option<&'a str> {
+    let bytes = json.as_bytes();
+    if bytes.get(*at) != Some(&b'"') {
+        return None;
+    }
+    let start = *at + 1;
+    let len = bytes[start..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    if bytes[start + len] != b'"' {
+        return None;
+    }
+    *at = start + len + 1;
+    // The quotes are ASCII, so both ends are character boundaries.
+    Some(&json[start..start + len])
+}
+
+/// [`user_headers`] by the JSON parser: any object, escapes and values of every kind.
+fn parsed_headers(trimmed: &str) -> Result<Headers<'_>, String> {
     let HeaderObject(mut entries) = serde_json::from_str(trimmed).map_err(|e| {
         if trimmed.starts_with('{') {
             format!("headers is not a valid JSON object: {e}")
@@ -576,6 +650,61 @@ mod tests {
         assert_eq!(&*escaped[0].1, "x\"yé".as_bytes());
         assert!(user_headers("{}").unwrap().is_empty());
         assert!(user_headers(" {\"k\": \"v\"} ").is_ok());
+    }
+
+    #[test]
+    fn plain_string_objects_take_the_short_way_and_everything_else_the_parser() {
+        let plain = r#"{"trace_id": "abc", "tenant":"t-1" ,  "b": "", "trace_id": "é"}"#;
+        let members = plain_string_members(plain).expect("plain");
+        assert_eq!(members.len(), 4);
+        assert_eq!(user_headers(plain), parsed_headers(plain));
+        for other in [
+            r#"{"k": "x\"y"}"#,
+            r#"{"k": 1}"#,
+            r#"{"k": null}"#,
+            r#"{"k": "v",}"#,
+            r#"{"k": "v"} {}"#,
+            r#"{"k" "v"}"#,
+            "{\"k\": \"a\tb\"}",
+            r#"{ }"#,
+            r#"["k", "v"]"#,
+            r#"{"k": "v""#,
+        ] {
+            assert_eq!(plain_string_members(other), None, "{other}");
+            assert_eq!(user_headers(other), parsed_headers(other.trim()), "{other}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whenever the short way reads an object, the parser reads the same headers from it.
+        #[test]
+        fn the_short_way_agrees_with_the_parser(
+            members in proptest::collection::vec(("[a-c\"\\\\ é]{0,3}", "[a-c\"\\\\ é:,{}]{0,4}"), 0..5),
+            spaces in proptest::collection::vec("[ \t\n\r]{0,2}", 8),
+            noise in "[ ,:{}\"a1]{0,3}",
+        ) {
+            let mut json = format!("{{{}", spaces[0]);
+            for (i, (name, value)) in members.iter().enumerate() {
+                if i > 0 {
+                    json.push(',');
+                }
+                json.push_str(&format!(
+                    "{}\"{name}\"{}:{}\"{value}\"{}",
+                    spaces[1], spaces[2], spaces[3], spaces[4]
+                ));
+            }
+            json.push('}');
+            for text in [json.clone(), format!("{json}{noise}"), format!("{noise}{json}")] {
+                let trimmed = text.trim();
+                if let Some(members) = plain_string_members(trimmed) {
+                    proptest::prop_assert_eq!(
+                        Ok(last_of_each_name(members)),
+                        parsed_headers(trimmed),
+                        "{}", trimmed
+                    );
+                }
+            }
+        }
     }
 
     #[test]
