@@ -95,6 +95,7 @@ impl ProducerContext for CountingContext {
 pub fn broker_ceiling(broker: &dyn Broker, n: u64) -> Result<Rate> {
     let kafka = KafkaConfig {
         brokers: broker.brokers(),
+        properties: crate::relay::extra_kafka_pairs().into_iter().collect(),
         ..KafkaConfig::default()
     };
     let acked = Arc::new(AtomicU64::new(0));
@@ -191,13 +192,29 @@ impl ProducerContext for TimingContext {
 /// of the relay's shape at a time at `rate` records/s for [`crate::WARM_UP_SECS`] + `secs`,
 /// produce call to delivery report of each record after the warm-up (exact, not bucketed).
 /// No Postgres: what linger and the broker's round trip alone cost.
-pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor> {
+/// `overrides` go on top of those settings (the round trip alone: `linger.ms = 0`); each call
+/// uses a topic of its own.
+pub fn broker_latency_floor(
+    kafka: &Kafka,
+    rate: u64,
+    secs: u64,
+    overrides: &[(&str, &str)],
+) -> Result<Floor> {
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let topic = format!("{FLOOR_TOPIC}.{}", RUNS.fetch_add(1, Ordering::Relaxed));
+    let topic = topic.as_str();
     kafka
-        .try_create_topic_with(FLOOR_TOPIC, PARTITIONS, &[])
+        .try_create_topic_with(topic, PARTITIONS, &[])
         .map_err(|e| anyhow!(e))?;
     let broker: &dyn Broker = kafka;
+    let mut properties: std::collections::BTreeMap<String, String> =
+        crate::relay::extra_kafka_pairs().into_iter().collect();
+    for (key, value) in overrides {
+        properties.insert((*key).to_owned(), (*value).to_owned());
+    }
     let kafka = KafkaConfig {
         brokers: broker.brokers(),
+        properties,
         ..KafkaConfig::default()
     };
     let producer: ThreadedProducer<TimingContext> = client_config(&kafka)
@@ -224,7 +241,7 @@ pub fn broker_latency_floor(kafka: &Kafka, rate: u64, secs: u64) -> Result<Floor
         let id = format!("{g:036}");
         let headers = record_headers(&id, "0/1A2B3C48", &trace);
         let sent = crate::procfs::unix_micros() as usize;
-        let record = BaseRecord::with_opaque_to(FLOOR_TOPIC, sent)
+        let record = BaseRecord::with_opaque_to(topic, sent)
             .key(key.as_str())
             .payload(value.as_str())
             .headers(headers)

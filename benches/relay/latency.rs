@@ -15,7 +15,7 @@ use crate::broker::Broker;
 use crate::exactly_once::{Delivery, VisibleFollower};
 use crate::metrics::{bucket_quantile, gauge, histogram, histogram_sum_count, published};
 use crate::observe::append_latencies;
-use crate::procfs::unix_micros;
+use crate::procfs::{own_cpu_secs, proc_cpu_ticks, unix_micros, CpuSnapshot, HostCpu};
 use crate::relay::{relay_toml, RelayProc};
 use crate::report::{Floor, Latency};
 use crate::{
@@ -150,6 +150,8 @@ pub fn latency_run(
         Delivery::ExactlyOnce => Some(VisibleFollower::start(&broker.brokers(), warm, count)?),
         Delivery::AtLeastOnce => None,
     };
+    let host_before = HostCpu::sample();
+    let others_before = OthersCpu::take(env, broker);
     let writer = env
         .rt
         .spawn(paced_write(env.url.to_owned(), rate, count, warm));
@@ -183,6 +185,8 @@ pub fn latency_run(
         .block_on(writer)
         .context("paced writer panicked")?
         .context("paced writer")?;
+    let host_cores = HostCpu::sample().cores_since(&host_before);
+    let others = OthersCpu::take(env, broker).since(&others_before);
     wait_published(&mut relay, warm + count)?;
     // Before the relay stops: its last transaction commits on its own, not at the SIGTERM.
     let visible = follower.map(|f| f.finish(&writer.commits_us)).transpose()?;
@@ -199,6 +203,10 @@ pub fn latency_run(
     latency.cpu_us_per_event = cpu * 1e6 / count as f64;
     latency.peak_rss_kb = peak_rss_kb;
     latency.appended = Some(appended);
+    latency.host_cores = host_cores;
+    latency.broker_cpu_us_per_event = others.broker * 1e6 / count as f64;
+    latency.postgres_cpu_us_per_event = others.postgres * 1e6 / count as f64;
+    latency.writer_cpu_us_per_event = others.writer * 1e6 / count as f64;
     latency.visible = visible;
     Ok(latency)
 }
@@ -241,6 +249,11 @@ pub fn from_histograms(
         peak_rss_kb: 0,
         floor: None,
         broker_floor: None,
+        round_trip_floor: None,
+        host_cores: f64::NAN,
+        broker_cpu_us_per_event: f64::NAN,
+        postgres_cpu_us_per_event: f64::NAN,
+        writer_cpu_us_per_event: f64::NAN,
         appended: None,
         visible: None,
     })
@@ -272,6 +285,33 @@ pub fn wait_published(relay: &mut RelayProc, n: u64) -> Result<()> {
             );
         }
         std::thread::sleep(SCRAPE_EVERY);
+    }
+}
+
+/// CPU seconds so far of the broker, the Postgres cluster and the bench process (the writer).
+struct OthersCpu {
+    broker: f64,
+    postgres: f64,
+    writer: f64,
+}
+
+impl OthersCpu {
+    fn take(env: &Env<'_>, broker: &dyn Broker) -> OthersCpu {
+        let ticks = |pid| proc_cpu_ticks(pid).map_or(f64::NAN, |t| t as f64 / env.clk_tck);
+        let cluster: u64 = CpuSnapshot::take(&[], env.postmaster).own.values().sum();
+        OthersCpu {
+            broker: ticks(broker.pid()),
+            postgres: cluster as f64 / env.clk_tck,
+            writer: own_cpu_secs(),
+        }
+    }
+
+    fn since(&self, earlier: &OthersCpu) -> OthersCpu {
+        OthersCpu {
+            broker: self.broker - earlier.broker,
+            postgres: self.postgres - earlier.postgres,
+            writer: self.writer - earlier.writer,
+        }
     }
 }
 

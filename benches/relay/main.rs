@@ -559,14 +559,21 @@ fn run(opts: &Opts) -> Result<()> {
             floor.p50_ms, floor.p99_ms, floor.max_ms
         );
         let kafka = start_kafka_with(&append_time)?;
-        let broker_floor = broker_latency_floor(&kafka, rate, opts.latency_secs)?;
+        let broker_floor = broker_latency_floor(&kafka, rate, opts.latency_secs, &[])?;
         eprintln!(
             "[bench]   plain producer: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             broker_floor.p50_ms, broker_floor.p99_ms, broker_floor.max_ms
         );
+        let round_trip =
+            broker_latency_floor(&kafka, rate, opts.latency_secs, &[("linger.ms", "0")])?;
+        eprintln!(
+            "[bench]   plain producer, linger.ms=0: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            round_trip.p50_ms, round_trip.p99_ms, round_trip.max_ms
+        );
         let run = Latency {
             floor: Some(floor),
             broker_floor: Some(broker_floor),
+            round_trip_floor: Some(round_trip),
             ..latency_run(&env, &kafka, rate, opts.latency_secs, Delivery::AtLeastOnce)?
         };
         drop(kafka);

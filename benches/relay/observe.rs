@@ -202,5 +202,23 @@ pub fn append_latencies(brokers: &str, first: u64, commits_us: &[i64]) -> Result
         .iter()
         .map(|(&g, &ts)| (ts * 1000 - commits_us[(g - first) as usize]) as f64 / 1e3)
         .collect();
+    if let Ok(path) = std::env::var("RELAY_BENCH_DUMP_APPENDED") {
+        // Diagnostics: each event's commit time (Unix µs) and commit-to-append (ms), in
+        // commit order, to see whether the slow ones come together.
+        let mut rows: Vec<(i64, f64)> = appended
+            .iter()
+            .map(|(&g, &ts)| {
+                let commit = commits_us[(g - first) as usize];
+                (commit, (ts * 1000 - commit) as f64 / 1e3)
+            })
+            .collect();
+        rows.sort_unstable_by_key(|&(commit, _)| commit);
+        let text: String = rows
+            .iter()
+            .map(|(commit, ms)| format!("{commit} {ms:.3}\n"))
+            .collect();
+        let path = format!("{path}.{count}");
+        std::fs::write(&path, text).with_context(|| format!("writing {path}"))?;
+    }
     Ok(Appended::from_samples(ms))
 }

@@ -21,15 +21,30 @@ pub fn relay_toml(url: &str, slot: &str, brokers: &str, http_port: u16) -> Strin
 /// `RELAY_BENCH_KAFKA_PROPERTIES="linger.ms=1,batch.size=65536"`: producer settings for the
 /// relay under test on top of its defaults, to try one out.
 pub fn extra_kafka_properties() -> String {
-    let Ok(list) = std::env::var("RELAY_BENCH_KAFKA_PROPERTIES") else {
+    let pairs = extra_kafka_pairs();
+    if pairs.is_empty() {
         return String::new();
-    };
+    }
     let mut out = String::from("\n[kafka.properties]\n");
-    for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let _ = writeln!(out, "{:?} = {:?}", key.trim(), value.trim());
+    for (key, value) in pairs {
+        let _ = writeln!(out, "{key:?} = {value:?}");
     }
     out
+}
+
+/// The pairs of `RELAY_BENCH_KAFKA_PROPERTIES`; the plain producers (broker ceiling and
+/// latency floor) take them too, so they keep the relay's settings.
+pub fn extra_kafka_pairs() -> Vec<(String, String)> {
+    let Ok(list) = std::env::var("RELAY_BENCH_KAFKA_PROPERTIES") else {
+        return Vec::new();
+    };
+    list.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key.trim().to_owned(), value.trim().to_owned())
+        })
+        .collect()
 }
 
 /// The relay binary running `run` on `slot` against a broker; killed on drop.

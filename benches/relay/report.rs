@@ -90,6 +90,18 @@ pub struct Latency {
     /// A plain producer's produce-to-ack latency at the same rate on the same broker, one
     /// record per produce call, no Postgres (exact, not bucketed).
     pub broker_floor: Option<Floor>,
+    /// The same plain producer with `linger.ms = 0`: the broker's round trip alone on this
+    /// machine, what no linger setting can take off.
+    pub round_trip_floor: Option<Floor>,
+    /// Cores of the machine busy on average while the measured events were written (all
+    /// processes: writer, Postgres, broker, relay, anything else).
+    pub host_cores: f64,
+    /// CPU per measured event of the broker's JVM, of the Postgres cluster (the writer's
+    /// backends, the walsender, the rest) and of the bench process (the paced writer's client)
+    /// over the same time.
+    pub broker_cpu_us_per_event: f64,
+    pub postgres_cpu_us_per_event: f64,
+    pub writer_cpu_us_per_event: f64,
     /// Commit (as the writer saw it return) to the broker's append, per event: measured the
     /// same way for the peers.
     pub appended: Option<Appended>,
@@ -106,6 +118,22 @@ pub struct Floor {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+}
+
+/// Where the machine's CPU went during a latency run, per event.
+fn others_cpu(l: &Latency) -> String {
+    format!(
+        "CPU per event meanwhile: relay {:.1}, broker {:.1}, Postgres {:.1}, paced writer {:.1} us",
+        l.cpu_us_per_event,
+        l.broker_cpu_us_per_event,
+        l.postgres_cpu_us_per_event,
+        l.writer_cpu_us_per_event
+    )
+}
+
+/// The machine's cores, as the bench sees them.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |p| p.get())
 }
 
 impl Floor {
@@ -271,14 +299,24 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
                 floor.p50_ms, floor.p99_ms, floor.max_ms
             );
         }
+        if let Some(floor) = &latency.round_trip_floor {
+            let _ = writeln!(
+                out,
+                "  broker round trip, the same producer with linger.ms=0 (produce -> ack, exact): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                floor.p50_ms, floor.p99_ms, floor.max_ms
+            );
+        }
         let _ = writeln!(
             out,
-            "  writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event, peak RSS {:.1} MB",
+            "  writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event, peak RSS {:.1} MB; host {:.2} of {} cores busy",
             latency.writer_p99_ms,
             latency.writer_max_late_ms,
             latency.cpu_us_per_event,
-            mb(latency.peak_rss_kb)
+            mb(latency.peak_rss_kb),
+            latency.host_cores,
+            cores()
         );
+        let _ = writeln!(out, "  {}", others_cpu(latency));
     }
     match x.latency_high {
         Some(Ok(l)) => {
@@ -289,13 +327,16 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
             );
             let _ = writeln!(
                 out,
-                "  commit -> broker append: p50 {:.2} ms, p99 {:.2} ms; writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event",
+                "  commit -> broker append: p50 {:.2} ms, p99 {:.2} ms; writer: commit p99 {:.2} ms, at most {:.1} ms behind schedule; relay {:.2} us CPU/event; host {:.2} of {} cores busy",
                 l.appended.map_or(f64::NAN, |a| a.p50_ms),
                 l.appended.map_or(f64::NAN, |a| a.p99_ms),
                 l.writer_p99_ms,
                 l.writer_max_late_ms,
-                l.cpu_us_per_event
+                l.cpu_us_per_event,
+                l.host_cores,
+                cores()
             );
+            let _ = writeln!(out, "  {}", others_cpu(l));
         }
         Some(Err(e)) => {
             let _ = writeln!(out, "latency at the higher rate FAILED: {}", first_line(e));
@@ -379,6 +420,14 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
         "decode_latency_p99_ms": x.latency.and_then(|l| l.floor).map(|f| f.p99_ms),
         "broker_latency_p50_ms": x.latency.and_then(|l| l.broker_floor).map(|f| f.p50_ms),
         "broker_latency_p99_ms": x.latency.and_then(|l| l.broker_floor).map(|f| f.p99_ms),
+        "broker_round_trip_p50_ms": x.latency.and_then(|l| l.round_trip_floor).map(|f| f.p50_ms),
+        "broker_round_trip_p99_ms": x.latency.and_then(|l| l.round_trip_floor).map(|f| f.p99_ms),
+        "latency_host_cores": x.latency.map(|l| l.host_cores),
+        "latency_host_cores_20k": high.map(|l| l.host_cores),
+        "latency_broker_cpu_us_per_event": x.latency.map(|l| l.broker_cpu_us_per_event),
+        "latency_postgres_cpu_us_per_event": x.latency.map(|l| l.postgres_cpu_us_per_event),
+        "latency_broker_cpu_us_per_event_20k": high.map(|l| l.broker_cpu_us_per_event),
+        "latency_postgres_cpu_us_per_event_20k": high.map(|l| l.postgres_cpu_us_per_event),
         "peak_rss_mb": backlog_rss.map(mb),
         "big_tx_peak_rss_mb": big.and_then(drain).map(|d| mb(d.peak_rss_kb)),
         "big_tx_eps": big.and_then(drain).map(|d| d.eps()),
