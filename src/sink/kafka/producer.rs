@@ -247,6 +247,9 @@ impl<P: Copy + Ord + Send + Sync + 'static> KafkaSink<P> {
             match self.producer.send(base) {
                 Ok(()) => {
                     self.count_in_transaction();
+                    if let Some(nudge) = &self.nudge {
+                        nudge.produced();
+                    }
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
