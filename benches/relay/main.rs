@@ -605,7 +605,20 @@ fn run(opts: &Opts) -> Result<()> {
             opts.latency_secs
         );
         let kafka = start_kafka_with(&append_time)?;
-        let run = latency_run(&env, &kafka, high, opts.latency_secs, Delivery::AtLeastOnce)
+        // The plain producer at this rate first, as at the lower one: what the broker alone
+        // does here, and a broker past its start (its JIT compiling, which costs a fresh JVM
+        // several times its steady CPU per record) when the relay's run starts.
+        let run = broker_latency_floor(&kafka, high, opts.latency_secs, &[])
+            .and_then(|floor| {
+                eprintln!(
+                    "[bench]   plain producer: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    floor.p50_ms, floor.p99_ms, floor.max_ms
+                );
+                Ok(Latency {
+                    broker_floor: Some(floor),
+                    ..latency_run(&env, &kafka, high, opts.latency_secs, Delivery::AtLeastOnce)?
+                })
+            })
             .map_err(|e| format!("{e:#}"));
         match &run {
             Ok(l) => eprintln!(

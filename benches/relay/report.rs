@@ -336,6 +336,13 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
                 l.host_cores,
                 cores()
             );
+            if let Some(floor) = &l.broker_floor {
+                let _ = writeln!(
+                    out,
+                    "  broker latency floor, a plain producer at the same rate, just before (produce -> ack, exact): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    floor.p50_ms, floor.p99_ms, floor.max_ms
+                );
+            }
             let _ = writeln!(out, "  {}", others_cpu(l));
         }
         Some(Err(e)) => {
@@ -480,6 +487,15 @@ pub fn report(opts: &Opts, shapes: &[Shape], x: &Extras<'_>) {
     });
     if let Some(fields) = json.as_object_mut() {
         fields.extend(eos_json(shapes, x.eos));
+        let high_floor = high.and_then(|l| l.broker_floor);
+        fields.insert(
+            "broker_latency_p50_ms_20k".into(),
+            serde_json::json!(high_floor.map(|f| f.p50_ms)),
+        );
+        fields.insert(
+            "broker_latency_p99_ms_20k".into(),
+            serde_json::json!(high_floor.map(|f| f.p99_ms)),
+        );
     }
     println!("{json}");
 }
