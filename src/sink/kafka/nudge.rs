@@ -83,7 +83,7 @@ impl Rate {
         let elapsed_us = now_us.saturating_sub(start_us);
         if elapsed_us >= RATE_WINDOW.as_micros() as u64 {
             let produced = self.produced.load(Ordering::Relaxed);
-            let in_window = produced - self.window_produced.load(Ordering::Relaxed);
+            let in_window = produced.saturating_sub(self.window_produced.load(Ordering::Relaxed));
             // A window the pipeline slept through (no request for a while) counts as slow.
             let fast = in_window * 1_000_000 > NUDGE_UP_TO_RATE * elapsed_us;
             self.fast.store(fast, Ordering::Relaxed);
@@ -264,12 +264,13 @@ mod tests {
             .expect("producer");
         let nudge = Nudge::start(&producer);
 
-        // 1,000 records every 5 ms as far as the rate knows: far above it. The record goes
-        // in once the rate is known (the first window may nudge), then waits.
+        // 100,000 records every 5 ms as far as the rate knows: above it unless a loop takes
+        // 10 s. The record goes in once the rate is known (the first window may nudge), then
+        // waits.
         let started = Instant::now();
         let mut queued = false;
         while started.elapsed() < Duration::from_secs(2) {
-            for _ in 0..1_000 {
+            for _ in 0..100_000 {
                 nudge.produced();
             }
             nudge.request();
