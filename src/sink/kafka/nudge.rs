@@ -213,9 +213,13 @@ mod tests {
         false
     }
 
-    /// With a linger of a minute a record waits; a nudge sends it at once.
-    #[test]
-    fn a_nudge_sends_what_waits_for_linger() {
+    /// A producer on a mock cluster whose records wait a minute for linger, with its
+    /// delivery count; the caller keeps the cluster until the producer is dropped.
+    fn lingering_a_minute() -> (
+        MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        Delivered,
+        ThreadedProducer<Delivered>,
+    ) {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("t", 1, 1).expect("topic");
         let delivered = Delivered::default();
@@ -224,6 +228,13 @@ mod tests {
             .set("linger.ms", "60000")
             .create_with_context(delivered.clone())
             .expect("producer");
+        (cluster, delivered, producer)
+    }
+
+    /// With a linger of a minute a record waits; a nudge sends it at once.
+    #[test]
+    fn a_nudge_sends_what_waits_for_linger() {
+        let (_cluster, delivered, producer) = lingering_a_minute();
         let nudge = Nudge::start(&producer);
 
         producer
@@ -254,14 +265,7 @@ mod tests {
     /// falls, the next request sends what waits.
     #[test]
     fn above_the_rate_nobody_nudges() {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        cluster.create_topic("t", 1, 1).expect("topic");
-        let delivered = Delivered::default();
-        let producer: ThreadedProducer<Delivered> = ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("linger.ms", "60000")
-            .create_with_context(delivered.clone())
-            .expect("producer");
+        let (_cluster, delivered, producer) = lingering_a_minute();
         let nudge = Nudge::start(&producer);
 
         // 100,000 records every 5 ms as far as the rate knows: above it unless a loop takes
