@@ -378,7 +378,7 @@ fn user_headers(json: &str) -> Result<Headers<'_>, String> {
 }
 
 /// Sorted by name; of a name given twice, the last.
-fn last_of_each_name(mut members: Headers<'_>) -> Headers<'_> {
+fn last_of_each_name<V>(mut members: Vec<(Cow<'_, str>, V)>) -> Vec<(Cow<'_, str>, V)> {
     // Stable sort of the reversed list: of equal names, the last given comes first and stays.
     members.reverse();
     members.sort_by(|a, b| a.0.cmp(&b.0));
@@ -445,17 +445,14 @@ fn plain_string<'a>(json: &'a str, at: &mut usize) -> Option<&'a str> {
 
 /// [`user_headers`] by the JSON parser: any object, escapes and values of every kind.
 fn parsed_headers(trimmed: &str) -> Result<Headers<'_>, String> {
-    let HeaderObject(mut entries) = serde_json::from_str(trimmed).map_err(|e| {
+    let HeaderObject(entries) = serde_json::from_str(trimmed).map_err(|e| {
         if trimmed.starts_with('{') {
             format!("headers is not a valid JSON object: {e}")
         } else {
             "headers is not a JSON object".to_owned()
         }
     })?;
-    // Stable sort of the reversed list: of equal names, the last given comes first and stays.
-    entries.reverse();
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    entries.dedup_by(|later, kept| later.0 == kept.0);
+    let entries = last_of_each_name(entries);
     let mut out = Vec::with_capacity(entries.len());
     for (key, raw) in entries {
         let text = raw.get();
